@@ -1,0 +1,254 @@
+"""Run a scenario: every strategy × attention variant on the same request stream, then write the results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import simpy
+
+from kvsim import __version__
+from kvsim.atomic import atomic_write_text
+from kvsim.capacity import CapacityPlan
+from kvsim.engine.cluster import Cluster
+from kvsim.engine.latency import LatencyModel, RooflineLatencyModel
+from kvsim.engine.replica import SchedulerConfig
+from kvsim.hardware import GiB
+from kvsim.kvcache import make_manager
+from kvsim.metrics import RunRecorder, steady_window, summarize_run
+from kvsim.models import ModelSpec
+from kvsim.scenario import Run, Scenario
+from kvsim.workload import build_workload
+
+log = logging.getLogger(__name__)
+
+ATTENTION_KINDS = ("MHA", "GQA", "MQA", "MLA")
+
+
+@dataclass
+class RunResult:
+    run: Run
+    capacity: CapacityPlan
+    summary: dict[str, Any]
+    requests: pd.DataFrame
+    timeline: pd.DataFrame
+    wall_time_s: float
+
+
+@dataclass
+class SimulationResult:
+    scenario: Scenario
+    seed: int
+    latency: dict[str, Any]
+    runs: list[RunResult] = field(default_factory=list)
+    profile_path: Path | None = None
+
+    def summary(self) -> dict[str, Any]:
+        spec = self.scenario.spec
+        engine = spec.engine.model_dump()
+        engine["max_model_len"] = self.scenario.max_model_len
+        starts = [r.requests["arrival_s"].min() for r in self.runs if not r.requests.empty]
+        ends = [r.requests["finish_s"].max() for r in self.runs if not r.requests.empty]
+        return {
+            "kvsim_version": __version__,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "scenario": {
+                "name": spec.name,
+                "description": spec.description,
+                "path": str(self.scenario.path) if self.scenario.path else None,
+                "seed": self.seed,
+                "model": self.scenario.model.name,
+                "gpu": self.scenario.gpu.name,
+                "tp": spec.engine.tp,
+                "replicas": spec.engine.replicas,
+                "engine": engine,
+                "slo": spec.slo.model_dump(),
+                "workload": spec.workload.model_dump(mode="json"),
+            },
+            "latency_model": self.latency,
+            "window": {"start_s": float(min(starts)) if starts else 0.0, "end_s": float(max(ends)) if ends else 0.0},
+            "strategies": {r.run.key: _clean(r.summary) for r in self.runs},
+        }
+
+
+def make_latency_model(scenario: Scenario, model: ModelSpec, profile: Any | None) -> LatencyModel:
+    if profile is not None:
+        from kvsim.engine.calibrated import CalibratedLatencyModel
+
+        return CalibratedLatencyModel(profile, model, scenario.engine.tp)
+    return RooflineLatencyModel(model=model, gpu=scenario.gpu, tp=scenario.engine.tp)
+
+
+def scheduler_config(scenario: Scenario, model: ModelSpec) -> SchedulerConfig:
+    engine = scenario.engine
+    return SchedulerConfig(
+        max_num_seqs=engine.max_num_seqs,
+        max_num_batched_tokens=scenario.max_num_batched_tokens,
+        max_model_len=scenario.max_model_len,
+        enable_chunked_prefill=engine.enable_chunked_prefill,
+        preemption_mode=engine.preemption_mode,
+        scheduling_policy=engine.scheduling_policy,
+        watermark=engine.watermark,
+        swap_space_bytes=int(engine.swap_space_gib * GiB),
+        pcie_bandwidth_bytes_per_s=scenario.gpu.pcie_bandwidth_bytes_per_s,
+        kv_bytes_per_token=model.kv_bytes_per_token_per_rank(engine.tp),
+        fast_forward=scenario.spec.simulation.fast_forward,
+    )
+
+
+def simulate_run(scenario: Scenario, run: Run, *, seed: int, profile: Any | None = None) -> RunResult:
+    """Simulate one run of `scenario` and summarise it."""
+    started = time.perf_counter()
+    engine = scenario.engine
+    capacity = scenario.capacity(run.model)
+    per_token = capacity.kv_bytes_per_token_per_rank
+    if engine.kv_capacity_tokens is not None:
+        budget = engine.kv_capacity_tokens * per_token
+    else:
+        budget = capacity.kv_budget_bytes_per_rank
+
+    def make_kv():
+        return make_manager(run.strategy, kv_budget_bytes=budget, kv_bytes_per_token=per_token,
+                            block_size=engine.block_size, max_model_len=scenario.max_model_len)
+
+    env = simpy.Environment()
+    recorder = RunRecorder(timeline_interval_s=scenario.spec.simulation.timeline_interval_s)
+    latency = make_latency_model(scenario, run.model, profile)
+    cluster = Cluster(env, num_replicas=engine.replicas, make_kv=make_kv, latency=latency,
+                      config=scheduler_config(scenario, run.model), recorder=recorder,
+                      router=engine.router, router_load_guard=engine.router_load_guard)
+    workload = build_workload(scenario.spec.workload, seed=seed, base_dir=scenario.base_dir)
+    workload.start(env, cluster.submit)
+    env.run()
+    recorder.close(cluster.last_finish_s)
+
+    requests = recorder.requests_frame()
+    sim = scenario.spec.simulation
+    window = steady_window(requests, sim.warmup_s, sim.cooldown_s)
+    slo = scenario.spec.slo.model_dump(exclude_none=True)
+    if set(slo) <= {"percentile"}:
+        slo = None
+    summary = summarize_run(recorder, requests, window=window, slo=slo)
+    wall = time.perf_counter() - started
+    summary.update({
+        "strategy": run.strategy.name,
+        "variant": run.variant,
+        "attention_kind": run.model.attention_kind.value,
+        "kv_dtype": run.model.kv_dtype,
+        "kv_bytes_per_token": run.model.kv_bytes_per_token,
+        "kv_capacity_tokens": int(make_kv().capacity_tokens) * engine.replicas,
+        "kv_capacity_tokens_per_replica": int(make_kv().capacity_tokens),
+        "gpus": engine.tp * engine.replicas,
+        "window": {"start_s": window.start_s, "end_s": window.end_s},
+        "wall_time_s": wall,
+    })
+    summary["users_per_gpu"] = summary["max_concurrent_requests"] / summary["gpus"]
+    return RunResult(run=run, capacity=capacity, summary=summary, requests=requests,
+                     timeline=recorder.timeline_frame(), wall_time_s=wall)
+
+
+def simulate(scenario: Scenario, *, seed: int | None = None, profile: Any | None = None,
+             profile_path: Path | None = None,
+             on_run: Callable[[Run, RunResult | None], None] | None = None) -> SimulationResult:
+    """Simulate every run of `scenario`; `on_run(run, None)` before and `on_run(run, result)` after each."""
+    seed = scenario.spec.seed if seed is None else seed
+    runs = scenario.runs()
+    latency = make_latency_model(scenario, scenario.model, profile).describe()
+    if profile_path is not None:
+        latency["profile_file"] = profile_path.name
+    result = SimulationResult(scenario=scenario, seed=seed, latency=latency, profile_path=profile_path)
+    for run in runs:
+        if on_run:
+            on_run(run, None)
+        run_result = simulate_run(scenario, run, seed=seed, profile=profile)
+        result.runs.append(run_result)
+        if on_run:
+            on_run(run, run_result)
+    return result
+
+
+def attention_table(scenario: Scenario, mean_request_tokens: float) -> pd.DataFrame:
+    """The scenario's model under each attention kind: bytes per token and users per GPU."""
+    rows = []
+    base = scenario.model
+    variants = [("as configured", base)]
+    for kind in ATTENTION_KINDS:
+        if kind == "GQA" and base.attention_kind.value == "GQA":
+            continue
+        if kind == base.attention_kind.value:
+            continue
+        variants.append((kind if kind != "GQA" else "GQA-8", base.as_attention(kind)))
+    for label, model in variants:
+        try:
+            model.check_tp(scenario.engine.tp)
+            capacity = scenario.capacity(model)
+        except Exception as exc:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
+            log.info("attention variant %s skipped: %s", label, exc)
+            continue
+        concurrency = capacity.kv_capacity_tokens / max(mean_request_tokens, 1.0)
+        rows.append({
+            "variant": label,
+            "attention_kind": model.attention_kind.value,
+            "kv_bytes_per_token": model.kv_bytes_per_token,
+            "kv_capacity_tokens": capacity.kv_capacity_tokens,
+            "max_concurrency": concurrency,
+            "users_per_gpu": concurrency / scenario.engine.tp,
+        })
+    return pd.DataFrame(rows)
+
+
+def write_results(result: SimulationResult, out_dir: Path) -> list[Path]:
+    """Write summary.json, requests.csv, timeline.csv, attention.csv and scenario.yaml, each atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    summary = result.summary()
+    path = out_dir / "summary.json"
+    atomic_write_text(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    written.append(path)
+
+    requests = pd.concat([r.requests.assign(run=r.run.key) for r in result.runs], ignore_index=True)
+    requests = requests[["run", *[c for c in requests.columns if c != "run"]]]
+    timeline = pd.concat([r.timeline.assign(run=r.run.key) for r in result.runs], ignore_index=True)
+    timeline = timeline[["run", *[c for c in timeline.columns if c != "run"]]]
+    for name, frame in (("requests.csv", requests), ("timeline.csv", timeline)):
+        path = out_dir / name
+        atomic_write_text(path, frame.to_csv(index=False, float_format="%.6g"))
+        written.append(path)
+
+    mean_tokens = float((requests["prompt_tokens"] + requests["output_tokens"]).mean()) if len(requests) else 1.0
+    path = out_dir / "attention.csv"
+    atomic_write_text(path, attention_table(result.scenario, mean_tokens).to_csv(index=False, float_format="%.6g"))
+    written.append(path)
+
+    scenario = result.scenario
+    if scenario.path is not None and scenario.path.exists():
+        path = out_dir / "scenario.yaml"
+        atomic_write_text(path, scenario.path.read_text())
+        written.append(path)
+    if result.profile_path is not None:
+        path = out_dir / "profile.json"
+        atomic_write_text(path, result.profile_path.read_text())
+        written.append(path)
+    return written
+
+
+def _clean(value: Any) -> Any:
+    """Replace NaN and infinities with None so summary.json stays valid JSON."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+__all__ = ["RunResult", "SimulationResult", "simulate", "simulate_run", "write_results", "attention_table"]
