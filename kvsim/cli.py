@@ -25,8 +25,9 @@ app = typer.Typer(
 trace_app = typer.Typer(help="Statistics and prefix hit rates of request traces.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
 
-console = Console()
-err_console = Console(stderr=True)
+# Rich falls back to 80 columns when output is not a terminal; tables here need more.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 GB = 1000**3
 GiB = 1024**3
@@ -392,12 +393,13 @@ def calibrate(
 def trace_inspect(
     path: Annotated[Path, typer.Argument(help="Trace file (Mooncake JSONL, Azure CSV, BurstGPT CSV, generic).")],
     format: Annotated[str, typer.Option(help="auto, mooncake, azure, burstgpt or generic.")] = "auto",
+    block_size: Annotated[int, typer.Option(min=1, help="Tokens per block when counting shared prefix blocks.")] = 512,
     json_output: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Requests, duration, rate, length percentiles and prefix sharing of a trace."""
     from kvsim.workload.analysis import inspect_trace
 
-    stats = inspect_trace(path, format)
+    stats = inspect_trace(path, format, block_size=block_size)
     if json_output:
         console.print_json(json.dumps(stats, default=float))
         return
@@ -420,7 +422,7 @@ def trace_hit_rate(
 ) -> None:
     """Prefix-cache hit rate of a trace by cache capacity and eviction policy."""
     from kvsim.workload.analysis import hit_rate_by_capacity
-    from kvsim.workload.traces import read_trace
+    from kvsim.workload.traces import open_trace
 
     parsed: list[int | None] = []
     for item in capacities.split(","):
@@ -433,15 +435,23 @@ def trace_hit_rate(
         except ValueError:
             raise UserError(f"--capacities: {item!r} is not a whole number of blocks or 'inf'")
     policy_list = tuple(p.strip().lower() for p in policies.split(",") if p.strip())
-    rows = hit_rate_by_capacity(read_trace(path, format), parsed, policies=policy_list, block_size=block_size)
+    for policy in policy_list:
+        if policy not in ("lru", "lfu"):
+            raise UserError(f"--policies: unknown eviction policy {policy!r}; use lru or lfu")
+    rows = hit_rate_by_capacity(open_trace(path, format).iter_requests(), parsed, policies=policy_list,
+                                block_size=block_size)
     if json_output:
         console.print_json(json.dumps(rows, default=float))
         return
-    table = Table(title=f"prefix hit rate of {path} ({block_size}-token blocks)")
-    for column in rows[0].keys() if rows else ():
+    table = Table(title=f"prefix hit rate of {path} ({block_size}-token blocks; first use of a block is a miss)")
+    columns = ("policy", "capacity_blocks", "prefix_hit_rate_blocks", "prefix_hit_rate_tokens", "evicted_blocks")
+    for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else ("∞" if v is None else f"{v}") for v in row.values()))
+        capacity = row["capacity_blocks"]
+        table.add_row(row["policy"], "unbounded" if capacity is None else f"{capacity:,}",
+                      f"{row['prefix_hit_rate_blocks']:.3f}", f"{row['prefix_hit_rate_tokens']:.3f}",
+                      f"{row['evicted_blocks']:,}")
     console.print(table)
 
 

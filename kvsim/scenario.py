@@ -19,6 +19,7 @@ from kvsim.capacity import CapacityPlan, plan_capacity
 from kvsim.errors import UserError
 from kvsim.hardware import GB, GiB, TFLOPS, GpuSpec, load_gpu
 from kvsim.models import ModelSpec, load_preset, normalize_dtype
+from kvsim.workload.spec import UNION_TAGS as WORKLOAD_UNION_TAGS
 from kvsim.workload.spec import WorkloadSpec
 
 
@@ -385,7 +386,8 @@ def _clean_location(loc: tuple) -> str:
             continue
         text = str(item)
         # Drop pydantic's tags for union members and discriminator values.
-        if text in ("str", "int", "float", "dict[str,any]") or text.startswith("function-") or "[" in text:
+        if (text in ("str", "int", "float", "dict[str,any]") or text in WORKLOAD_UNION_TAGS
+                or text.startswith("function-") or "[" in text):
             continue
         parts.append(("." if parts else "") + text)
     return "".join(parts) or "(top level)"

@@ -301,7 +301,7 @@ WorkloadSpec = Annotated[Union[ClosedLoopWorkload, OpenLoopWorkload, TraceWorklo
 _WORKLOAD_ADAPTER: TypeAdapter[Any] = TypeAdapter(WorkloadSpec)
 
 # Discriminator values that pydantic inserts into error locations. They are not YAML keys, so messages omit them.
-_UNION_TAGS = frozenset(DISTRIBUTION_NAMES) | {"closed_loop", "open_loop", "trace", "poisson", "gamma"}
+UNION_TAGS = frozenset(DISTRIBUTION_NAMES) | {"closed_loop", "open_loop", "trace", "poisson", "gamma"}
 
 
 def format_validation_error(error: ValidationError, prefix: str) -> str:
@@ -312,7 +312,7 @@ def format_validation_error(error: ValidationError, prefix: str) -> str:
         for loc in item["loc"]:
             if isinstance(loc, int):
                 parts[-1:] = [f"{parts[-1]}[{loc}]"] if parts else [f"[{loc}]"]
-            elif loc in _UNION_TAGS or "[" in str(loc):
+            elif loc in UNION_TAGS or "[" in str(loc):
                 continue
             else:
                 parts.append(str(loc))
