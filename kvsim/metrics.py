@@ -26,7 +26,7 @@ REQUEST_COLUMNS = [
     "prompt_tokens", "cached_tokens", "output_tokens", "preemptions",
 ]
 TIMELINE_COLUMNS = ["replica", "time_s", "running", "waiting", *BREAKDOWN_FIELDS,
-                    "prefix_hit_rate_tokens", "preemptions"]
+                    "prefix_hit_rate_tokens", "prefix_hit_tokens", "prefix_queried_tokens", "preemptions"]
 
 # Inter-token latency histogram: log-spaced bins from 1 µs to 1,000 s.
 _ITL_EDGES = np.logspace(-6, 3, 1801)
@@ -62,6 +62,10 @@ class RunRecorder:
         self.max_running = 0
         self._running_integral = 0.0
         self._running_t: float | None = None
+        self.queued_total = 0
+        """Requests waiting or swapped out, across replicas."""
+        self._saturated_integral = 0.0
+        self._saturated_s = 0.0
         self.itl_counts = np.zeros(len(_ITL_EDGES) + 1, dtype=np.int64)
         self.num_steps = 0
         self._memory: dict[int, _ReplicaMemory] = {}
@@ -71,12 +75,27 @@ class RunRecorder:
 
     # ------------------------------------------------------------------ concurrency
 
-    def _running_changed(self, now: float, delta: int) -> None:
+    def _running_changed(self, now: float, delta: int, queued_delta: int = 0) -> None:
         if self._running_t is not None:
-            self._running_integral += self.running_total * (now - self._running_t)
+            elapsed = now - self._running_t
+            self._running_integral += self.running_total * elapsed
+            if self.queued_total > 0:
+                self._saturated_integral += self.running_total * elapsed
+                self._saturated_s += elapsed
         self._running_t = now
         self.running_total += delta
+        self.queued_total += queued_delta
         self.max_running = max(self.max_running, self.running_total)
+
+    @property
+    def saturated_running(self) -> float | None:
+        """Time-averaged running requests while others queued: the batch the KV cache sustains under load.
+
+        None when no request ever waited (the load never filled the cache or the sequence limit).
+        """
+        if self._saturated_s <= 0:
+            return None
+        return self._saturated_integral / self._saturated_s
 
     # ------------------------------------------------------------------ memory integral
 
@@ -108,7 +127,8 @@ class RunRecorder:
         memory.last_row_t = now
         shares = memory.last / max(memory.capacity_tokens, 1) if memory.last is not None else np.zeros(6)
         self.timeline.append((replica.replica_id, now, len(replica.running), len(replica.waiting),
-                              *map(float, shares), self.prefix_hit_rate_tokens, self.preemptions))
+                              *map(float, shares), self.prefix_hit_rate_tokens, self.first_admission_hit_tokens,
+                              self.first_admission_prompt_tokens, self.preemptions))
 
     def close(self, end_s: float) -> None:
         """Integrate every replica's memory up to `end_s`, the end of the busy period."""
@@ -183,11 +203,17 @@ class ReplicaRecorder:
             run.first_admission_hit_tokens += hit_tokens
             run.first_admission_prompt_blocks += state.num_prompt_tokens // block
             run.first_admission_hit_blocks += hit_tokens // block
-        run._running_changed(now, +1)
+        run._running_changed(now, +1, -1)
 
     def on_preempt(self, state: RequestState, now: float) -> None:
         self.run.preemptions += 1
-        self.run._running_changed(now, -1)
+        self.run._running_changed(now, -1, +1)
+
+    def on_queue_change(self, now: float, delta: int) -> None:
+        self.run._running_changed(now, 0, delta)
+
+    def on_resume(self, now: float) -> None:
+        self.run._running_changed(now, +1)
 
     def on_step_start(self, now: float, replica: Replica, preempted: int) -> None:
         run = self.run
@@ -285,6 +311,7 @@ def summarize_run(recorder: RunRecorder, requests: pd.DataFrame, *, window: Wind
         "requests_completed": int(len(requests)),
         "requests_rejected": int(recorder.rejected),
         "max_concurrent_requests": int(recorder.max_running),
+        "saturated_concurrent_requests": recorder.saturated_running,
         "mean_concurrent_requests": recorder.mean_running(busy_s),
         **recorder.memory_fractions(),
         "prefix_hit_rate_tokens": recorder.prefix_hit_rate_tokens,

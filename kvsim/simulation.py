@@ -70,13 +70,20 @@ class SimulationResult:
                 "tp": spec.engine.tp,
                 "replicas": spec.engine.replicas,
                 "engine": engine,
-                "slo": spec.slo.model_dump(),
+                "slo": slo_targets(spec.slo),
                 "workload": spec.workload.model_dump(mode="json"),
             },
             "latency_model": self.latency,
             "window": {"start_s": float(min(starts)) if starts else 0.0, "end_s": float(max(ends)) if ends else 0.0},
             "strategies": {r.run.key: _clean(r.summary) for r in self.runs},
         }
+
+
+def slo_targets(slo) -> dict[str, float]:
+    """The SLO as `metric_pNN_s` limits (`ttft_p99_s: 2.0`), the form reports read."""
+    percentile = f"p{slo.percentile:g}"
+    bounds = {"ttft": slo.ttft_s, "tpot": slo.tpot_s, "e2e": slo.e2e_latency_s}
+    return {f"{metric}_{percentile}_s": bound for metric, bound in bounds.items() if bound is not None}
 
 
 def make_latency_model(scenario: Scenario, model: ModelSpec, profile: Any | None) -> LatencyModel:

@@ -101,6 +101,7 @@ class Replica:
             return
         queue_was_blocked = bool(self.waiting) and self._head_blocked
         self._enqueue(state)
+        self.recorder.on_queue_change(self.env.now, +1)
         if self._wakeup is not None and not self._wakeup.triggered:
             self._wakeup.succeed()
         elif self._in_span and not (queue_was_blocked and self.config.scheduling_policy == "fcfs"):
@@ -149,6 +150,7 @@ class Replica:
                             state.request_id, self.replica_id)
                 state.status = Status.REJECTED
                 state.finish_s = self.env.now
+                self.recorder.on_queue_change(self.env.now, -1)
                 self.recorder.on_reject(state)
                 state.done.succeed(state)
                 return
@@ -239,6 +241,8 @@ class Replica:
             if not self.kv.allocate(state.seq, tokens + n):
                 break
             self.swapped.popleft()
+            self.recorder.on_queue_change(self.env.now, -1)
+            self.recorder.on_resume(self.env.now)
             self.swap_used_bytes -= state.swapped_tokens * config.kv_bytes_per_token
             swap_bytes += state.swapped_tokens * config.kv_bytes_per_token
             state.swapped_tokens = 0

@@ -37,7 +37,7 @@ from kvsim.report.plots import (
     preemptions_over_time,
     run_colors,
 )
-from kvsim.report.verdict import Verdict, build_verdict
+from kvsim.report.verdict import Verdict, build_verdict, sustained_concurrency
 
 logger = logging.getLogger(__name__)
 
@@ -236,9 +236,10 @@ def render_report(out_dir: Path) -> Path:
 
 # Metrics of the comparison table: (label, how to read it from a summary entry, formatter, higher is better).
 _COMPARED_METRICS: tuple[tuple[str, Callable[[dict[str, Any], RunFolder], Any], str, bool | None], ...] = (
+    ("concurrent requests under load", lambda entry, _: sustained_concurrency(entry), "number", True),
     ("max concurrent requests", lambda entry, _: entry.get("max_concurrent_requests"), "count", True),
     ("users per GPU", lambda entry, folder: _users_per_gpu(entry, folder), "number", True),
-    ("KV capacity (tokens per replica)", lambda entry, _: entry.get("kv_capacity_tokens"), "count", True),
+    ("KV capacity (tokens, all replicas)", lambda entry, _: entry.get("kv_capacity_tokens"), "count", True),
     ("output tokens/s", lambda entry, _: entry.get("output_tokens_per_s"), "number", True),
     ("goodput (requests/s)", lambda entry, _: entry.get("goodput_requests_per_s"), "number", True),
     ("prefix hit rate (tokens)", lambda entry, _: entry.get("prefix_hit_rate_tokens"), "percent", True),
@@ -260,8 +261,8 @@ _FORMATTERS = {
 
 
 def _users_per_gpu(entry: dict[str, Any], folder: RunFolder) -> float | None:
-    max_concurrent = finite_float(entry.get("max_concurrent_requests"))
-    return None if max_concurrent is None else max_concurrent / folder.num_gpus
+    concurrent = sustained_concurrency(entry)
+    return None if concurrent is None else concurrent / folder.num_gpus
 
 
 def _percentile(entry: dict[str, Any], key: str, statistic: str) -> Any:

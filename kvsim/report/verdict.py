@@ -53,6 +53,9 @@ class RunVerdict:
 
     run: str
     max_concurrent_requests: int | None
+    concurrent_requests: float | None
+    """Users the run holds: the time-averaged batch while requests queued (the KV cache's sustained
+    capacity), or the peak when nothing ever queued."""
     users_per_gpu: float | None
     kv_capacity_tokens: int | None
     slo_met: bool | None
@@ -107,6 +110,7 @@ def _gpus_needed(folder: RunFolder, run: str) -> float | None:
 def _run_verdict(folder: RunFolder, run: str, targets: tuple[SloTarget, ...]) -> RunVerdict:
     strategy = folder.strategy(run)
     max_concurrent = finite_float(strategy.get("max_concurrent_requests"))
+    concurrent = sustained_concurrency(strategy)
     capacity = finite_float(strategy.get("kv_capacity_tokens"))
     checks = _check_slos(strategy, targets)
 
@@ -124,7 +128,8 @@ def _run_verdict(folder: RunFolder, run: str, targets: tuple[SloTarget, ...]) ->
     return RunVerdict(
         run=run,
         max_concurrent_requests=None if max_concurrent is None else round(max_concurrent),
-        users_per_gpu=None if max_concurrent is None else max_concurrent / folder.num_gpus,
+        concurrent_requests=concurrent,
+        users_per_gpu=None if concurrent is None else concurrent / folder.num_gpus,
         kv_capacity_tokens=None if capacity is None else round(capacity),
         slo_met=slo_met,
         slo_checks=checks,
@@ -133,9 +138,17 @@ def _run_verdict(folder: RunFolder, run: str, targets: tuple[SloTarget, ...]) ->
     )
 
 
+def sustained_concurrency(strategy: dict[str, Any]) -> float | None:
+    """Users a run holds: its batch averaged over the time requests queued, else its peak batch."""
+    saturated = finite_float(strategy.get("saturated_concurrent_requests"))
+    if saturated is not None:
+        return saturated
+    return finite_float(strategy.get("max_concurrent_requests"))
+
+
 def _rank_key(row: RunVerdict) -> tuple[float, float]:
-    # Most users first; throughput breaks ties between runs that admit the same number of users.
-    return (row.max_concurrent_requests or 0, row.output_tokens_per_s or 0.0)
+    # Most users first; throughput breaks ties between runs that hold the same number of users.
+    return (row.concurrent_requests or 0, row.output_tokens_per_s or 0.0)
 
 
 def _gpu_phrase(folder: RunFolder) -> str:
@@ -151,7 +164,7 @@ def build_verdict(folder: RunFolder) -> Verdict:
     """Work out the verdict table and the headline for `folder`."""
     targets = slo_targets(folder.slo)
     rows = tuple(_run_verdict(folder, run, targets) for run in folder.run_keys)
-    ranked = [row for row in rows if row.max_concurrent_requests is not None]
+    ranked = [row for row in rows if row.concurrent_requests is not None]
 
     # Prefer runs that meet the SLOs; with no SLO result at all, every run competes.
     meeting = [row for row in ranked if row.slo_met is True]
@@ -175,7 +188,7 @@ def _headline(folder: RunFolder, rows: tuple[RunVerdict, ...], ranked: list[RunV
         return (f"No run meets the SLOs ({slo_text or 'as the summary records them'}). "
                 f"{most_users.run} reaches the most users while missing them: "
                 f"{format_number(most_users.users_per_gpu)} users per GPU "
-                f"({format_count(most_users.max_concurrent_requests)} concurrent requests on {_gpu_phrase(folder)}).")
+                f"({format_number(most_users.concurrent_requests)} concurrent requests on {_gpu_phrase(folder)}).")
 
     if any_meets:
         qualifier = f"within the SLOs ({slo_text})" if slo_text else "within the SLOs"
@@ -185,12 +198,12 @@ def _headline(folder: RunFolder, rows: tuple[RunVerdict, ...], ranked: list[RunV
         qualifier = "(the scenario sets no SLO)"
     sentences = [
         f"{best.run} serves the most users {qualifier}: {format_number(best.users_per_gpu)} users per GPU "
-        f"({format_count(best.max_concurrent_requests)} concurrent requests on {_gpu_phrase(folder)})."
+        f"({format_number(best.concurrent_requests)} concurrent requests on {_gpu_phrase(folder)})."
     ]
 
     fewest = min(ranked, key=_rank_key)
-    if fewest.run != best.run and fewest.max_concurrent_requests:
-        ratio = best.max_concurrent_requests / fewest.max_concurrent_requests
+    if fewest.run != best.run and fewest.concurrent_requests:
+        ratio = best.concurrent_requests / fewest.concurrent_requests
         sentences.append(f"That is {format_ratio(ratio)} the users of {fewest.run} "
                          f"({format_number(fewest.users_per_gpu)} per GPU).")
     if best.gpus_needed is not None:
