@@ -100,7 +100,7 @@ class RunRecorder:
     # ------------------------------------------------------------------ memory integral
 
     def _snapshot(self, replica: Replica) -> np.ndarray:
-        head = replica.waiting[0].seq.final_num_tokens if replica.waiting else None
+        head = replica.kv.reservation_tokens(replica.waiting[0].seq) if replica.waiting else None
         breakdown: MemoryBreakdown = replica.kv.breakdown(head)
         memory = self._memory_of(replica)
         memory.capacity_tokens = breakdown.capacity_tokens

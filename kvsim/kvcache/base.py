@@ -128,6 +128,11 @@ class PrefixCacheStats:
     evictions: int = 0
     """Cached blocks (or radix-tree tokens, for the radix strategy) evicted to make room."""
 
+    def reset(self) -> None:
+        """Zero every counter in place, so holders of this object see the reset."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, 0)
+
 
 @runtime_checkable
 class KVCacheManager(Protocol):
@@ -136,6 +141,24 @@ class KVCacheManager(Protocol):
     name: str
     capacity_tokens: int
     stats: PrefixCacheStats
+    block_size: int
+    """Tokens per allocation unit: the paged block size, the radix page size, 1 for contiguous."""
+
+    @property
+    def num_free_tokens(self) -> int:
+        """Slots an admission may use now: free slots plus cached ones, which are evicted on demand."""
+
+    def reservation_tokens(self, seq: Sequence) -> int:
+        """Slots that admitting `seq` reserves at once (for contiguous, its whole range).
+
+        Pass the next waiting request's value as `next_request_tokens` to `breakdown`.
+        """
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached content and zero `stats`, returning True.
+
+        Returns False and changes nothing while any sequence has memory allocated.
+        """
 
     def lookup(self, seq: Sequence) -> int:
         """Prompt tokens of a not-yet-admitted `seq` already in the cache; never more than prompt − 1."""
