@@ -173,12 +173,14 @@ class Replica:
         prefill_tokens = 0
         finished = []
         for state, n in scheduled:
-            if state.num_output_tokens and state.pending_tokens == 1:
+            num_tokens = state.num_prompt_tokens + state.num_output_tokens
+            computed = state.num_computed_tokens + n
+            if n == 1 and state.num_output_tokens and computed == num_tokens:
                 decode_seqs += 1
             else:
                 prefill_tokens += n
-            state.num_computed_tokens += n
-            if state.num_computed_tokens == state.num_tokens:
+            state.num_computed_tokens = computed
+            if computed == num_tokens:
                 self._sample(state, finished)
         self.recorder.on_step_end(self.env.now, step_s, decode_seqs, prefill_tokens, self)
         self._finish(finished)
@@ -211,12 +213,22 @@ class Replica:
         swap_bytes = 0.0
 
         # Running requests first, in admission order.
+        allocate = self.kv.allocate
+        running = self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            state = self.running[i]
-            n = min(state.pending_tokens, budget)
+        while i < len(running) and budget > 0:
+            state = running[i]
+            n = state.num_prompt_tokens + state.num_output_tokens - state.num_computed_tokens
+            if n > budget:
+                n = budget
+            if allocate(state.seq, n):
+                # The common case, kept free of the preemption bookkeeping below.
+                scheduled[id(state)] = (state, n)
+                budget -= n
+                i += 1
+                continue
             victim = None
-            while not self.kv.allocate(state.seq, n):
+            while not allocate(state.seq, n):
                 victim = self._pick_victim()
                 earlier = scheduled.pop(id(victim), None)
                 if earlier is not None:
@@ -340,9 +352,9 @@ class Replica:
             return 0
         limit = None
         for state in running:
-            if state.pending_tokens != 1:
+            if state.num_prompt_tokens + state.num_output_tokens - state.num_computed_tokens != 1:
                 return 0
-            remaining = state.remaining_output_tokens
+            remaining = state.output_tokens - state.num_output_tokens
             if limit is None or remaining < limit:
                 limit = remaining
         if self.waiting and self._waiting_head_admissible():

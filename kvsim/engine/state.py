@@ -19,7 +19,7 @@ class Status(Enum):
     REJECTED = "rejected"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RequestState:
     """A request inside one replica.
 
@@ -44,19 +44,18 @@ class RequestState:
     num_preemptions: int = 0
     admit_order: int = 0
     swapped_tokens: int = 0
-    pending_cached_tokens: int = field(default=0, repr=False)
+    num_prompt_tokens: int = field(init=False)
+    output_tokens: int = field(init=False)
+    """Output tokens the request will generate (its reply length)."""
+
+    def __post_init__(self) -> None:
+        # Cached as plain ints: the scheduler reads them for every running request at every step.
+        self.num_prompt_tokens = self.request.prompt_tokens
+        self.output_tokens = self.request.output_tokens
 
     @property
     def request_id(self) -> int:
         return self.request.request_id
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return self.request.prompt_tokens
-
-    @property
-    def output_tokens(self) -> int:
-        return self.request.output_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -53,6 +53,17 @@ class FreeBlockQueue:
         """Remove and return the `num_blocks` blocks at the head of the queue, head first."""
         if num_blocks > self.num_free_blocks:
             raise ValueError(f"failed to take {num_blocks} blocks: the free queue has {self.num_free_blocks}")
+        if num_blocks == 1:
+            # A decode step takes one block at a time: skip stale entries with scalar reads.
+            log, pos = self._log, self._pos
+            head = self._head
+            while pos[log[head]] != head:
+                head += 1
+            block = int(log[head])
+            self._head = head + 1
+            pos[block] = -1
+            self.num_free_blocks -= 1
+            return np.array([block], dtype=np.int64)
         chunks: list[np.ndarray] = []
         remaining = num_blocks
         head = self._head

@@ -13,8 +13,8 @@ here is therefore built from sums that numpy computes for all blocks of a sequen
 
 `mix` is the SplitMix64 finaliser (a bijection on 64-bit words), all arithmetic wraps modulo 2**64,
 and S_j plays the role of the parent hash: it depends on the salt and on every block up to j, in
-order. A sequence's hashes can be extended block by block from its last chain state, so decode-time
-blocks hash in O(1) each.
+order. A sequence's hashes can be extended from its last chain state; the hasher computes all the
+blocks a sequence will fill, reply included, in one pass.
 
 Collision odds: treating the mixed fingerprints as independent uniform 64-bit values, two different
 prefixes get the same key with probability about 2**-64. A cache of M blocks queried Q times then
@@ -160,6 +160,9 @@ class SequenceBlockHasher:
         self._caches.pop(seq, None)
 
     def _extend(self, seq: Sequence, cache: _ChainCache, num_blocks: int) -> None:
+        # Hash every full block the sequence will ever have in one numpy pass: its token ids are known
+        # in advance, and block-by-block extension during decode costs a numpy call per block.
+        num_blocks = max(num_blocks, seq.final_num_tokens // self.block_size)
         start_tokens = cache.num_blocks * self.block_size
         tokens = seq.token_ids(num_blocks * self.block_size)
         if tokens.shape[0] < num_blocks * self.block_size:

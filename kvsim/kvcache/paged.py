@@ -113,6 +113,8 @@ class PagedKVCacheManager:
         _check_final_length(seq, num_cached_tokens + num_new_tokens + (0 if state is None else state.num_tokens))
         if state is None:
             return self._allocate_first(seq, num_new_tokens, num_cached_tokens)
+        if num_cached_tokens == 0 and self._grow_in_last_block(state, num_new_tokens):
+            return True
         if not self.can_allocate(seq, num_new_tokens, num_cached_tokens):
             return False
         self._grow(seq, state, num_new_tokens)
@@ -294,6 +296,24 @@ class PagedKVCacheManager:
                 holders[state.block_ids[-1]] = holders.get(state.block_ids[-1], 0) + 1
         return sum(min(count, int(self.pool.ref_cnt[block_id]) - 1) for block_id, count in holders.items())
 
+    def _grow_in_last_block(self, state: _PagedSequence, num_new_tokens: int) -> bool:
+        """Fast path of a decode step: write into the last block when it has room, is not shared, and
+        does not fill up (a filled block must be cached); returns False to take the general path."""
+        block_size = self.block_size
+        old = state.num_tokens
+        new = old + num_new_tokens
+        last = len(state.block_ids) - 1
+        if num_new_tokens <= 0 or old // block_size != last or new >= (last + 1) * block_size:
+            return False
+        block_id = state.block_ids[last]
+        pool = self.pool
+        if old % block_size and pool.ref_cnt[block_id] > 1:
+            return False
+        state.num_tokens = new
+        pool.num_filled_tokens[block_id] += num_new_tokens
+        pool.token_state_tokens += num_new_tokens
+        return True
+
     def _grow(self, seq: Sequence, state: _PagedSequence, num_new_tokens: int) -> None:
         if num_new_tokens > 0 and self._needs_copy_on_write(state):
             shared_block_id = state.block_ids[-1]
@@ -325,12 +345,13 @@ class PagedKVCacheManager:
             return
         block_size = self.block_size
         final_tokens = max(seq.final_num_tokens, state.num_tokens)
-        if end_block - start_block == 1:
-            # A decode step touches one block: scalar arithmetic is several times cheaper than numpy here.
-            block_start = start_block * block_size
-            filled = min(max(state.num_tokens - block_start, 0), block_size)
-            final = min(max(final_tokens - block_start, 0), block_size)
-            self.pool.set_block_occupancy(state.block_ids[start_block], filled, final)
+        if end_block - start_block <= 8:
+            # Decode touches one block, a decode span a few: scalar arithmetic beats numpy at this size.
+            for block in range(start_block, end_block):
+                block_start = block * block_size
+                filled = min(max(state.num_tokens - block_start, 0), block_size)
+                final = min(max(final_tokens - block_start, 0), block_size)
+                self.pool.set_block_occupancy(state.block_ids[block], filled, final)
             return
         block_starts = np.arange(start_block, end_block, dtype=np.int64) * block_size
         filled_tokens = np.minimum(np.maximum(state.num_tokens - block_starts, 0), block_size)
