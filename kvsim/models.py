@@ -8,6 +8,7 @@ A `ModelSpec` is a frozen description of a decoder-only transformer. MHA, GQA an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ class ModelSpec:
     def kv_bytes_per_token_per_layer(self) -> int:
         return math.ceil(self.kv_elements_per_token_per_layer * self.kv_bytes_per_element)
 
-    @property
+    @functools.cached_property
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes one token costs across all layers, counted once (no TP replication)."""
         return self.num_layers * self.kv_bytes_per_token_per_layer
@@ -199,7 +200,7 @@ class ModelSpec:
             return self.qk_nope_head_dim + self.qk_rope_head_dim
         return self.head_dim
 
-    @property
+    @functools.cached_property
     def attention_params_per_layer(self) -> int:
         h = self.hidden_size
         if self.is_mla:
@@ -227,7 +228,7 @@ class ModelSpec:
             return 0
         return self.num_layers - self.num_dense_layers
 
-    @property
+    @functools.cached_property
     def mlp_params_total(self) -> int:
         dense_layers = self.num_layers - self.num_moe_layers
         total = dense_layers * self._mlp_params(self.intermediate_size)
@@ -247,13 +248,13 @@ class ModelSpec:
         tables = 1 if self.tie_word_embeddings else 2
         return tables * self.vocab_size * self.hidden_size
 
-    @property
+    @functools.cached_property
     def num_params(self) -> int:
         """Parameter count: embeddings, attention, MLP or experts, and RMSNorm weights."""
         norms = self.num_layers * 2 * self.hidden_size + self.hidden_size
         return self.embedding_params + self.num_layers * self.attention_params_per_layer + self.mlp_params_total + norms
 
-    @property
+    @functools.cached_property
     def num_active_params(self) -> int:
         """Parameters one token touches: all of them for a dense model, the routed top-k for MoE."""
         if not self.num_moe_layers:
@@ -262,7 +263,7 @@ class ModelSpec:
         idle = self.num_moe_layers * idle_experts * self._mlp_params(self.expert_intermediate_size)
         return self.num_params - idle
 
-    @property
+    @functools.cached_property
     def weight_bytes(self) -> int:
         return math.ceil(self.num_params * DTYPE_BYTES[self.weight_dtype])
 

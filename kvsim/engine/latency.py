@@ -67,6 +67,92 @@ class RooflineLatencyModel:
 
     The efficiencies stand for what real kernels achieve against the datasheet peaks. This is an
     estimate; a calibrated profile replaces it.
+
+    NOTE: the efficiencies and the per-step overhead are round guesses, not fitted to measurements.
+    """
+
+    model: ModelSpec
+    gpu: GpuSpec
+    tp: int = 1
+    bandwidth_efficiency: float = 0.8
+    compute_efficiency: float = 0.6
+    step_overhead_s: float = 0.002
+    """CPU-side scheduling and kernel-launch time per step (an estimate of vLLM V1 with CUDA graphs)."""
+    name: str = "roofline"
+
+    def __post_init__(self) -> None:
+        # Every step is costed from these constants; computing them once keeps the per-step cost to a
+        # few float operations.
+        model, gpu, tp = self.model, self.gpu, self.tp
+        heads = model.num_attention_heads / tp
+        if model.is_mla:
+            # Absorbed MLA attends over the latent: keys of kv_lora_rank + rope, values of kv_lora_rank.
+            width = 2 * model.kv_lora_rank + model.qk_rope_head_dim
+        else:
+            width = 2 * model.head_dim
+        allreduce_s_per_token = 0.0
+        if tp > 1 and gpu.interconnect_bandwidth_bytes_per_s > 0:
+            # Two ring allreduces per layer of each new token's bf16 activations.
+            ring = 2.0 * (tp - 1) / tp
+            allreduce_s_per_token = (2 * model.num_layers * DTYPE_BYTES["bf16"] * model.hidden_size * ring
+                                     / gpu.interconnect_bandwidth_bytes_per_s)
+        constants = {
+            # NOTE: MoE weights are all counted as read each step, which holds for large batches and
+            # overestimates small-batch decode, where only the routed experts are read.
+            "_weight_bytes": model.weight_bytes / tp,
+            "_kv_bytes_per_token": float(model.kv_bytes_per_token_per_rank(tp)),
+            "_gemm_flops_per_token": 2.0 * model.num_active_params / tp,
+            "_attention_flops_per_pair": 2.0 * heads * width,
+            "_bandwidth": gpu.hbm_bandwidth_bytes_per_s * self.bandwidth_efficiency,
+            "_peak_flops": gpu.flops_per_s(model.weight_dtype) * self.compute_efficiency,
+            "_allreduce_s_per_token": allreduce_s_per_token,
+        }
+        for name, value in constants.items():
+            object.__setattr__(self, name, value)
+
+    def _time(self, new_tokens, context_new_products, context_tokens):
+        """Step time; the arguments may be floats or numpy arrays of equal shape."""
+        moved = self._weight_bytes + self._kv_bytes_per_token * (context_tokens + new_tokens)
+        flops = self._gemm_flops_per_token * new_tokens + self._attention_flops_per_pair * context_new_products
+        memory_s = moved / self._bandwidth
+        compute_s = flops / self._peak_flops
+        return (np.maximum(memory_s, compute_s) + self.step_overhead_s
+                + self._allreduce_s_per_token * new_tokens)
+
+    def step_time_s(self, batch: BatchShape) -> float:
+        if batch.num_seqs == 0:
+            return 0.0
+        new = batch.num_new_tokens
+        context = batch.context_tokens
+        # A chunk of n new tokens over c context tokens attends to about n × (c − (n − 1)/2) pairs (causal).
+        pairs = float(np.dot(new, context)) - float(np.dot(new, new - 1)) / 2.0
+        return float(self._time(float(new.sum()), pairs, float(context.sum())))
+
+    def decode_step_times_s(self, num_seqs: int, total_context_tokens: np.ndarray) -> np.ndarray:
+        context = np.asarray(total_context_tokens, dtype=float)
+        return self._time(float(num_seqs), context, context)
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance for reports: which model, from what device or profile."""
+
+
+@dataclass(frozen=True)
+class RooflineLatencyModel:
+    """Step time from datasheet limits: the slower of moving the bytes and doing the FLOPs, per rank.
+
+    Per step and TP rank:
+      bytes = weights / tp (read once per step, as batched GEMMs do)
+              + KV bytes of every attended context token on this rank
+              + KV bytes written for the new tokens
+      flops = 2 × active parameters / tp per new token (GEMMs)
+              + attention: 4 × heads/tp × head width × new tokens × context (QKᵀ and PV)
+      time  = max(bytes / (bandwidth × bandwidth_efficiency), flops / (peak × compute_efficiency))
+              + allreduce of the activations when tp > 1 + a fixed per-step overhead
+
+    The efficiencies stand for what real kernels achieve against the datasheet peaks. This is an
+    estimate; a calibrated profile replaces it.
+
+    NOTE: the efficiencies and the per-step overhead are round guesses, not fitted to measurements.
     """
 
     model: ModelSpec
