@@ -303,32 +303,60 @@ def _log_capacity(scenario) -> None:
                  f"{length:,}", plan.max_concurrency(length))
 
 
-def _fmt_ms(value: float | None) -> str:
-    return "—" if value is None else f"{value * 1000:,.0f} ms"
+def _format_latency(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value >= 10:
+        return f"{value:,.0f} s"
+    if value >= 1:
+        return f"{value:.2f} s"
+    return f"{value * 1000:,.0f} ms"
+
+
+def _print_capacity_lines(summary: dict[str, Any]) -> None:
+    """One line per attention variant in the form vLLM logs its KV-cache size."""
+    max_model_len = summary["scenario"]["engine"]["max_model_len"]
+    seen = set()
+    for entry in summary["strategies"].values():
+        key = (entry["variant"], entry["kv_capacity_tokens_per_replica"])
+        if key in seen:
+            continue
+        seen.add(key)
+        tokens = entry["kv_capacity_tokens_per_replica"]
+        label = "" if entry["variant"] == "base" else f"{entry['variant']}: "
+        console.print(f"{label}KV cache {tokens:,} tokens per replica; maximum concurrency for "
+                      f"{max_model_len:,} tokens per request: {tokens / max_model_len:.2f}x", highlight=False)
 
 
 def _print_run_summary(summary: dict[str, Any], out_dir: Path, no_report: bool) -> None:
     scenario = summary["scenario"]
-    table = Table(title=f"{scenario['name']}: {scenario['model']} on {scenario['gpu']} × "
-                        f"{scenario['tp'] * scenario['replicas']} ({summary['latency_model'].get('latency_model')})")
-    for column in ("run", "max concurrent", "KV capacity (tok)", "token states", "prefix hit", "preempt.",
-                   "TTFT p99", "TPOT p99", "out tok/s", "SLO"):
+    _print_capacity_lines(summary)
+    gpus = scenario["tp"] * scenario["replicas"]
+    table = Table(title=f"{scenario['name']}: {scenario['model']} on {gpus} × {scenario['gpu']} "
+                        f"(step times: {summary['latency_model'].get('latency_model')})")
+    table.add_column("run", no_wrap=True)
+    for column in ("users under load", "peak batch", "token states", "prefix hit", "prefill computed",
+                   "preemptions", "TTFT p99", "TPOT p99", "output tok/s", "SLO"):
         table.add_column(column, justify="right")
     for key, entry in summary["strategies"].items():
         slo = entry.get("slo_met")
+        users = entry.get("saturated_concurrent_requests")
         table.add_row(
             key,
+            "—" if users is None else f"{users:,.0f}",
             f"{entry['max_concurrent_requests']:,}",
-            f"{entry['kv_capacity_tokens']:,}",
             f"{entry['token_state_fraction']:.1%}",
             f"{entry['prefix_hit_rate_tokens']:.1%}",
+            f"{entry['prefill_tokens_computed']:,}",
             f"{entry['preemptions']:,}",
-            _fmt_ms(entry["ttft_s"]["p99"]),
-            _fmt_ms(entry["tpot_s"]["p99"]),
+            _format_latency(entry["ttft_s"]["p99"]),
+            _format_latency(entry["tpot_s"]["p99"]),
             f"{entry['output_tokens_per_s']:,.0f}",
             "—" if slo is None else ("met" if slo else "missed"),
         )
     console.print(table)
+    console.print("users under load: requests in the batch, averaged over the time others queued; "
+                  "token states: share of KV memory holding tokens, time-averaged", style="dim", highlight=False)
     target = out_dir / ("summary.json" if no_report else "report.html")
     console.print(f"results in {out_dir}/ — open {target}", highlight=False)
 
