@@ -77,7 +77,6 @@ class ModelSection(_Section):
     inline: dict[str, Any] | None = Field(None, description="ModelSpec fields, e.g. num_layers, num_kv_heads.")
     weight_dtype: str | None = Field(None, description="Weight dtype, overriding the config's torch_dtype.")
     kv_dtype: str | None = Field(None, description="KV-cache dtype (fp16, bf16, fp8, int8, int4).")
-    max_model_len: int | None = Field(None, ge=16, description="Deprecated place; set engine.max_model_len.")
     variants: list[AttentionVariant] = Field(
         default_factory=list,
         description="Attention variants to simulate with every strategy (MHA, GQA, MQA, MLA, KV dtypes).")
@@ -222,17 +221,18 @@ class ScenarioFile(_Section):
     name: str = Field(description="Name of the scenario; the default output folder is reports/<name>/.")
     description: str = Field("", description="What the scenario studies.")
     seed: int = Field(0, ge=0, description="Seed of every random stream.")
-    model: ModelSection
-    gpu: GpuSection
-    engine: EngineSection = Field(default_factory=EngineSection)
+    model: ModelSection = Field(description="The model: a preset name, or a mapping (see `model`).")
+    gpu: GpuSection = Field(description="The GPU: a preset name, or a mapping (see `gpu`).")
+    engine: EngineSection = Field(default_factory=EngineSection, description="Engine settings (see `engine`).")
     strategies: list[str | dict[str, Any]] = Field(
         default_factory=lambda: ["paged"], min_length=1,
         description="KV-cache strategies: contiguous, contiguous-pow2, contiguous-oracle, paged, paged+prefix, "
                     "radix, or mappings with options.")
-    workload: WorkloadSpec
-    slo: SloSection = Field(default_factory=SloSection)
-    simulation: SimulationSection = Field(default_factory=SimulationSection)
-    plan: PlanSection = Field(default_factory=PlanSection)
+    workload: WorkloadSpec = Field(description="What the users send: a closed loop, an open loop or a trace.")
+    slo: SloSection = Field(default_factory=SloSection, description="Latency objectives (see `slo`).")
+    simulation: SimulationSection = Field(default_factory=SimulationSection,
+                                          description="Simulation settings (see `simulation`).")
+    plan: PlanSection = Field(default_factory=PlanSection, description="Inputs of `kvsim plan` (see `plan`).")
 
     @field_validator("strategies")
     @classmethod
@@ -282,7 +282,7 @@ class Scenario:
 
     @property
     def max_model_len(self) -> int:
-        return self.spec.engine.max_model_len or self.spec.model.max_model_len or self.model.max_position_embeddings
+        return self.spec.engine.max_model_len or self.model.max_position_embeddings
 
     @cached_property
     def strategies(self) -> list[Any]:
