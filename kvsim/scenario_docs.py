@@ -57,15 +57,20 @@ Strategies are names or mappings: `contiguous` (reserve `max_model_len`), `conti
 
 
 def _type_name(annotation: Any) -> str:
-    text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
-    for prefix in ("typing.", "kvsim.workload.spec.", "kvsim.workload.distributions.", "kvsim.scenario.",
-                   "pathlib."):
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    optional = "None" in text and not text.startswith("Literal")
+    if "FixedDistribution" in text:
+        return "distribution" + (" or none" if optional else "")
+    if "Arrival" in text or "Workload" in text:
+        return "mapping"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    for prefix in ("typing.", "kvsim.workload.spec.", "kvsim.scenario.", "pathlib."):
         text = text.replace(prefix, "")
-    if "Annotated[Union[" in text and "Distribution" not in text and "dist" in text.lower():
-        return "distribution"
-    if text.startswith("Annotated[") and "Fixed" in text:
-        return "distribution"
-    return text.replace("NoneType", "None")
+    if text.startswith("Literal["):
+        return " or ".join(part.strip(" '") for part in text[len("Literal["):-1].split(","))
+    return text.replace("NoneType", "None").replace("Optional[", "").rstrip("]") if "Optional[" in text else \
+        text.replace("NoneType", "None")
 
 
 def _default(field: FieldInfo) -> str:
