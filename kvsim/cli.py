@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kvsim.cli_planning import plan_command, sweep_command
 from kvsim.errors import UserError
 
 app = typer.Typer(
@@ -24,6 +25,8 @@ app = typer.Typer(
 )
 trace_app = typer.Typer(help="Statistics and prefix hit rates of request traces.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
+app.command("plan")(plan_command)
+app.command("sweep")(sweep_command)
 
 # Rich falls back to 80 columns when output is not a terminal; tables here need more.
 console = Console(width=None if sys.stdout.isatty() else 140)
