@@ -126,93 +126,10 @@ class RooflineLatencyModel:
         context = batch.context_tokens
         # A chunk of n new tokens over c context tokens attends to about n × (c − (n − 1)/2) pairs (causal).
         pairs = float(np.dot(new, context)) - float(np.dot(new, new - 1)) / 2.0
-        return float(self._time(float(new.sum()), pairs, float(context.sum())))
-
-    def decode_step_times_s(self, num_seqs: int, total_context_tokens: np.ndarray) -> np.ndarray:
-        context = np.asarray(total_context_tokens, dtype=float)
-        return self._time(float(num_seqs), context, context)
-
-    def describe(self) -> dict[str, Any]:
-        """Provenance for reports: which model, from what device or profile."""
-
-
-@dataclass(frozen=True)
-class RooflineLatencyModel:
-    """Step time from datasheet limits: the slower of moving the bytes and doing the FLOPs, per rank.
-
-    Per step and TP rank:
-      bytes = weights / tp (read once per step, as batched GEMMs do)
-              + KV bytes of every attended context token on this rank
-              + KV bytes written for the new tokens
-      flops = 2 × active parameters / tp per new token (GEMMs)
-              + attention: 4 × heads/tp × head width × new tokens × context (QKᵀ and PV)
-      time  = max(bytes / (bandwidth × bandwidth_efficiency), flops / (peak × compute_efficiency))
-              + allreduce of the activations when tp > 1 + a fixed per-step overhead
-
-    The efficiencies stand for what real kernels achieve against the datasheet peaks. This is an
-    estimate; a calibrated profile replaces it.
-
-    NOTE: the efficiencies and the per-step overhead are round guesses, not fitted to measurements.
-    """
-
-    model: ModelSpec
-    gpu: GpuSpec
-    tp: int = 1
-    bandwidth_efficiency: float = 0.8
-    compute_efficiency: float = 0.6
-    step_overhead_s: float = 0.002
-    """CPU-side scheduling and kernel-launch time per step (an estimate of vLLM V1 with CUDA graphs)."""
-    name: str = "roofline"
-
-    @property
-    def _weight_bytes_per_rank(self) -> float:
-        if self.model.num_moe_layers:
-            # A large batch touches every expert, so all weights are read; see NOTE in step_time_s.
-            return self.model.weight_bytes / self.tp
-        return self.model.weight_bytes / self.tp
-
-    @property
-    def _kv_bytes_per_token(self) -> float:
-        return float(self.model.kv_bytes_per_token_per_rank(self.tp))
-
-    @property
-    def _attention_width(self) -> float:
-        """Per context token and new token: FLOPs of QKᵀ and PV on one rank."""
-        heads = self.model.num_attention_heads / self.tp
-        if self.model.is_mla:
-            # Absorbed MLA attends over the latent: keys of kv_lora_rank + rope, values of kv_lora_rank.
-            width = 2 * self.model.kv_lora_rank + self.model.qk_rope_head_dim
-        else:
-            width = 2 * self.model.head_dim
-        return 2.0 * heads * width
-
-    def _time(self, new_tokens: np.ndarray | float, context_new_products: np.ndarray | float,
-              context_tokens: np.ndarray | float) -> np.ndarray:
-        weight_dtype = self.model.weight_dtype
-        peak = self.gpu.flops_per_s(weight_dtype) * self.compute_efficiency
-        bandwidth = self.gpu.hbm_bandwidth_bytes_per_s * self.bandwidth_efficiency
-        moved = (self._weight_bytes_per_rank
-                 + self._kv_bytes_per_token * (np.asarray(context_tokens, dtype=float) + new_tokens))
-        flops = (2.0 * self.model.num_active_params / self.tp * np.asarray(new_tokens, dtype=float)
-                 + self._attention_width * np.asarray(context_new_products, dtype=float))
-        time = np.maximum(moved / bandwidth, flops / peak) + self.step_overhead_s
-        if self.tp > 1 and self.gpu.interconnect_bandwidth_bytes_per_s > 0:
-            # Two allreduces per layer of new_tokens × hidden activations, ring algorithm.
-            act_bytes = DTYPE_BYTES["bf16"] * self.model.hidden_size * np.asarray(new_tokens, dtype=float)
-            ring = 2.0 * (self.tp - 1) / self.tp
-            time = time + 2 * self.model.num_layers * act_bytes * ring / self.gpu.interconnect_bandwidth_bytes_per_s
-        return time
-
-    def step_time_s(self, batch: BatchShape) -> float:
-        # NOTE: MoE models are costed as if every expert's weights are read each step, which holds for
-        # large batches and overestimates small-batch decode.
-        new = batch.num_new_tokens.astype(float)
-        context = batch.context_tokens.astype(float)
-        if batch.num_seqs == 0:
-            return 0.0
-        # A prefill chunk of n tokens over c context attends to about n × (c − n/2) pairs (causal).
-        pairs = float(np.sum(new * (context - (new - 1) / 2.0)))
-        return float(self._time(float(new.sum()), pairs, float(context.sum())))
+        new_tokens = float(new.sum())
+        memory_s = (self._weight_bytes + self._kv_bytes_per_token * (float(context.sum()) + new_tokens)) / self._bandwidth
+        compute_s = (self._gemm_flops_per_token * new_tokens + self._attention_flops_per_pair * pairs) / self._peak_flops
+        return max(memory_s, compute_s) + self.step_overhead_s + self._allreduce_s_per_token * new_tokens
 
     def decode_step_times_s(self, num_seqs: int, total_context_tokens: np.ndarray) -> np.ndarray:
         context = np.asarray(total_context_tokens, dtype=float)
