@@ -3,7 +3,7 @@
 The recorder is called by replicas at events (admission, step start and end, decode spans,
 preemption, finish). It keeps per-request records, a timeline sampled at events and at a fixed
 interval, time integrals of the memory breakdown and of concurrency, and a histogram of inter-token
-latencies; it never stores one row per token.
+latencies. It never stores one row per token.
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def steady_window(requests: pd.DataFrame, warmup_s: float, cooldown_s: float) ->
 
 def summarize_run(recorder: RunRecorder, requests: pd.DataFrame, *, window: Window,
                   slo: dict[str, Any] | None) -> dict[str, Any]:
-    """The per-run summary fields of summary.json (see docs/outputs.md)."""
+    """Compute the per-run fields of summary.json (see docs/outputs.md)."""
     in_window = requests[(requests["arrival_s"] >= window.start_s) & (requests["arrival_s"] <= window.end_s)]
     if in_window.empty:
         in_window = requests
@@ -335,7 +335,7 @@ def summarize_run(recorder: RunRecorder, requests: pd.DataFrame, *, window: Wind
 
 
 def evaluate_slo(requests: pd.DataFrame, slo: dict[str, Any], window_s: float) -> dict[str, Any]:
-    """Whether the SLO percentiles hold, and goodput: requests per second that met every per-request bound."""
+    """Check the SLO percentiles and compute goodput, the requests per second that met every per-request bound."""
     quantile = float(slo.get("percentile", 99))
     checks = {"ttft_s": slo.get("ttft_s"), "tpot_s": slo.get("tpot_s"), "e2e_latency_s": slo.get("e2e_latency_s")}
     met = True

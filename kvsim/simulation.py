@@ -80,7 +80,7 @@ class SimulationResult:
 
 
 def slo_targets(slo) -> dict[str, float]:
-    """The SLO as `metric_pNN_s` limits (`ttft_p99_s: 2.0`), the form reports read."""
+    """Express the SLO as `metric_pNN_s` limits (`ttft_p99_s: 2.0`), the form reports read."""
     percentile = f"p{slo.percentile:g}"
     bounds = {"ttft": slo.ttft_s, "tpot": slo.tpot_s, "e2e": slo.e2e_latency_s}
     return {f"{metric}_{percentile}_s": bound for metric, bound in bounds.items() if bound is not None}
@@ -183,7 +183,7 @@ def simulate(scenario: Scenario, *, seed: int | None = None, profile: Any | None
 
 
 def attention_table(scenario: Scenario, mean_request_tokens: float) -> pd.DataFrame:
-    """The scenario's model under each attention kind: bytes per token and users per GPU."""
+    """Tabulate the scenario's model under each attention kind: bytes per token and users per GPU."""
     rows = []
     base = scenario.model
     variants = [("as configured", base)]

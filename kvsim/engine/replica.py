@@ -3,8 +3,8 @@
 Each step, in order:
 1. Running requests, in admission order, get their next tokens (one for decode, a chunk of the prompt
    for prefill) while the token budget `max_num_batched_tokens` lasts. When the KV cache cannot grow
-   a request, the most recently admitted running request is preempted (its blocks freed; recompute
-   mode sends it to the front of the waiting queue, swap mode copies its KV to CPU memory).
+   a request, the most recently admitted running request is preempted and its blocks freed. Recompute
+   mode sends it to the front of the waiting queue; swap mode copies its KV to CPU memory.
 2. Swapped-out requests come back first, oldest first, while memory allows.
 3. If nothing was preempted, waiting requests are admitted first come first served (or by priority,
    or longest prefix match first) while the KV cache, `max_num_seqs` and the token budget allow.
@@ -105,7 +105,7 @@ class Replica:
         if self._wakeup is not None and not self._wakeup.triggered:
             self._wakeup.succeed()
         elif self._in_span and not (queue_was_blocked and self.config.scheduling_policy == "fcfs"):
-            # Under FCFS a request behind a blocked head cannot be admitted either, so the span stands.
+            # Under FCFS a request behind a blocked head cannot be admitted either, so the span goes on.
             self.process.interrupt("arrival")
 
     def _enqueue(self, state: RequestState) -> None:
@@ -414,7 +414,7 @@ class Replica:
 
 
 def _fresh_sequence(seq: Sequence, num_tokens: int) -> Sequence:
-    """A sequence whose prompt is the first `num_tokens` of `seq`, for re-admission after preemption."""
+    """Build a sequence whose prompt is the first `num_tokens` of `seq`, for re-admission after preemption."""
     final = seq.final_num_tokens
     all_ids = seq.token_ids(final)
     return Sequence(
