@@ -52,6 +52,7 @@ class RunRecorder:
         self.timeline: list[tuple] = []
         self.rejected = 0
         self.preemptions = 0
+        self.preemptions_by_replica: dict[int, int] = {}
         self.prefill_tokens_computed = 0
         self.prefill_tokens_saved = 0
         self.first_admission_prompt_tokens = 0
@@ -148,11 +149,12 @@ class RunRecorder:
     def prefix_hit_rate_blocks(self) -> float:
         return self.first_admission_hit_blocks / max(self.first_admission_prompt_blocks, 1)
 
-    def memory_fractions(self) -> dict[str, float]:
-        """Time-averaged memory shares over the busy period, summed over replicas."""
+    def memory_fractions(self, replica_id: int | None = None) -> dict[str, float]:
+        """Time-averaged memory shares over the busy period, of one replica or summed over all."""
         total = np.zeros(6)
-        for memory in self._memory.values():
-            total += memory.integral
+        for key, memory in self._memory.items():
+            if replica_id is None or key == replica_id:
+                total += memory.integral
         norm = total.sum()
         shares = total / norm if norm > 0 else np.array([0, 0, 0, 0, 0, 1.0])
         return dict(zip(BREAKDOWN_FIELDS, map(float, shares)))
@@ -207,6 +209,7 @@ class ReplicaRecorder:
 
     def on_preempt(self, state: RequestState, now: float) -> None:
         self.run.preemptions += 1
+        self.run.preemptions_by_replica[self.replica_id] = self.run.preemptions_by_replica.get(self.replica_id, 0) + 1
         self.run._running_changed(now, -1, +1)
 
     def on_queue_change(self, now: float, delta: int) -> None:
@@ -329,9 +332,33 @@ def summarize_run(recorder: RunRecorder, requests: pd.DataFrame, *, window: Wind
         "num_steps": int(recorder.num_steps),
         "simulated_time_s": busy_s,
     }
+    shares = recorder.memory_fractions()
+    summary["kv_utilization_fraction"] = 1.0 - shares["free_fraction"] - shares["cached_free_fraction"]
     if slo:
         summary.update(evaluate_slo(in_window, slo, window_s))
+    replica_ids = sorted(recorder._memory)
+    if len(replica_ids) > 1:
+        summary["replicas"] = [summarize_replica(recorder, in_window, replica_id, window_s)
+                               for replica_id in replica_ids]
     return summary
+
+
+def summarize_replica(recorder: RunRecorder, requests: pd.DataFrame, replica_id: int,
+                      window_s: float) -> dict[str, Any]:
+    """Compute one replica's share of a run: its requests, latencies, preemptions and memory."""
+    mine = requests[requests["replica"] == replica_id]
+    shares = recorder.memory_fractions(replica_id)
+    return {
+        "replica": replica_id,
+        "requests_completed": int(len(mine)),
+        "preemptions": int(recorder.preemptions_by_replica.get(replica_id, 0)),
+        "output_tokens_per_s": float(mine["output_tokens"].sum() / window_s) if window_s > 0 else 0.0,
+        "prefix_hit_rate_tokens": float(mine["cached_tokens"].sum() / max(mine["prompt_tokens"].sum(), 1)),
+        "kv_utilization_fraction": 1.0 - shares["free_fraction"] - shares["cached_free_fraction"],
+        **shares,
+        "ttft_s": percentiles(mine["ttft_s"]),
+        "tpot_s": percentiles(mine["tpot_s"]),
+    }
 
 
 def evaluate_slo(requests: pd.DataFrame, slo: dict[str, Any], window_s: float) -> dict[str, Any]:

@@ -123,3 +123,14 @@ def test_prefix_caching_never_computes_more_prefill():
     assert cached["prefill_tokens_computed"] < plain["prefill_tokens_computed"]
     # Every request after the first reuses the 192 tokens (12 full blocks) of the 200-token system prompt.
     assert cached["prefill_tokens_saved"] >= 149 * 192
+
+
+def test_per_replica_summary_adds_up():
+    sc = scenario({"engine.replicas": 3, "engine.router": "round_robin"})
+    summary = run_one(sc).summary
+    replicas = summary["replicas"]
+    assert [r["replica"] for r in replicas] == [0, 1, 2]
+    assert sum(r["requests_completed"] for r in replicas) == summary["requests_completed"]
+    assert sum(r["preemptions"] for r in replicas) == summary["preemptions"]
+    # Round robin: 150 requests in turn over 3 replicas.
+    assert [r["requests_completed"] for r in replicas] == [50, 50, 50]
