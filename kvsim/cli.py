@@ -397,6 +397,20 @@ def _require_results(folder: Path) -> None:
         raise UserError(f"{folder}: no summary.json here; pass a folder written by `kvsim run`")
 
 
+# ---------------------------------------------------------------------- validate
+
+
+@app.command()
+def validate(
+    write: Annotated[bool, typer.Option("--write", help="Also regenerate docs/validation.md in the source checkout.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Run the fragmentation study with 1,000 requests instead of 4,000.")] = False,
+) -> None:
+    """Compare kvsim with published KV sizes, capacities, memory waste and prefix hit rates."""
+    from kvsim.validation import validate_command
+
+    validate_command(write=write, quick=quick)
+
+
 # ---------------------------------------------------------------------- calibrate
 
 
