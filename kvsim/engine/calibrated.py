@@ -14,7 +14,7 @@ Each operation's time is `fixed_s + per_seq_s·seqs + per_byte_s·bytes + per_fl
 coefficients the profile fitted (see `kvsim.profile`). Bytes and FLOPs are counted in the profile's
 dtype, because that is the dtype the timed kernels ran in.
 
-A GEMM whose (batch, K, N) was timed during calibration uses that matrix's own fit; any other shape
+A GEMM whose (batch, K, N) was timed during calibration uses that matrix's own fit. Any other shape
 uses the all-shapes `gemm` fit, and `describe()` then reports `extrapolated_from_model`.
 """
 
@@ -59,7 +59,7 @@ class GemmShape:
 
 @dataclass(frozen=True)
 class LayerGemms:
-    """The GEMMs of one model, split by how many rows each sees in a step."""
+    """The GEMMs of one model, grouped by the number of rows each multiplies in a step."""
 
     attention: tuple[GemmShape, ...]
     """M = tokens computed this step."""
@@ -186,7 +186,7 @@ class CalibratedLatencyModel:
     model: ModelSpec
     tp: int = 1
     attention_path: Literal["paged", "contiguous"] = "paged"
-    """Which decode kernel's fit to use: the block-table one (vLLM, SGLang) or a contiguous cache."""
+    """Decode kernel whose fit is used: the block-table one (as in vLLM and SGLang) or a contiguous cache."""
     interconnect_bandwidth_bytes_per_s: float = 0.0
     """GPU-to-GPU bandwidth for the TP allreduces; 0 leaves them out (the profile times one device)."""
     step_overhead_s: float = 0.0
