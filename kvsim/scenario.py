@@ -202,7 +202,10 @@ class SimulationSection(_Section):
     timeline_interval_s: float = Field(1.0, gt=0, description="Min spacing of timeline rows between events.")
     fast_forward: bool = Field(True, description="Advance pure-decode spans in one event (same results, faster).")
     hit_rate_capacities_blocks: list[int] | None = Field(
-        None, description="Cache capacities (in blocks) for the hit-rate-against-capacity chart.")
+        None, description="Cache capacities, in blocks of hit_rate_block_tokens, for the hit rate against "
+                          "capacity chart (a sequential replay of the workload's prompts; unbounded is added).")
+    hit_rate_block_tokens: int = Field(
+        512, ge=1, description="Block size of that replay, in tokens (512: the Mooncake traces' block).")
 
 
 class PlanSection(_Section):

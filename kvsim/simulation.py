@@ -27,6 +27,7 @@ from kvsim.metrics import RunRecorder, steady_window, summarize_run
 from kvsim.models import ModelSpec
 from kvsim.scenario import Run, Scenario
 from kvsim.workload import build_workload
+from kvsim.workload.analysis import hit_rate_by_capacity
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,30 @@ def attention_table(scenario: Scenario, mean_request_tokens: float) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
+def hit_rate_curve(scenario: Scenario) -> pd.DataFrame | None:
+    """Replay the workload's prompts through prefix caches of the scenario's chart capacities.
+
+    The replay is sequential, with only full blocks cached (`kvsim.workload.analysis`); None when the
+    scenario lists no capacities.
+    """
+    simulation = scenario.spec.simulation
+    if not simulation.hit_rate_capacities_blocks:
+        return None
+    source = build_workload(scenario.spec.workload, seed=scenario.spec.seed, base_dir=scenario.base_dir)
+    rows = hit_rate_by_capacity(source.iter_requests(), [*simulation.hit_rate_capacities_blocks, None],
+                                block_size=simulation.hit_rate_block_tokens, full_blocks_only=True)
+    return pd.DataFrame([{
+        "capacity_blocks": row["capacity_blocks"],
+        "policy": row["policy"],
+        "hit_rate_blocks": row["prefix_hit_rate_blocks"],
+        "hit_rate_tokens": row["prefix_hit_rate_tokens"],
+        "block_tokens": simulation.hit_rate_block_tokens,
+    } for row in rows if row["capacity_blocks"] is not None])
+
+
 def write_results(result: SimulationResult, out_dir: Path) -> list[Path]:
-    """Write summary.json, requests.csv, timeline.csv, attention.csv and scenario.yaml, each atomically."""
+    """Write summary.json, requests.csv, timeline.csv, attention.csv, scenario.yaml and, when the scenario
+    asks for it, hit_rate_by_capacity.csv, each atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     summary = result.summary()
@@ -236,6 +259,11 @@ def write_results(result: SimulationResult, out_dir: Path) -> list[Path]:
     written.append(path)
 
     scenario = result.scenario
+    curve = hit_rate_curve(scenario)
+    if curve is not None:
+        path = out_dir / "hit_rate_by_capacity.csv"
+        atomic_write_text(path, curve.to_csv(index=False, float_format="%.6g"))
+        written.append(path)
     if scenario.path is not None and scenario.path.exists():
         path = out_dir / "scenario.yaml"
         atomic_write_text(path, scenario.path.read_text())

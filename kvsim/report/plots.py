@@ -361,8 +361,8 @@ def hit_rate_by_capacity(inputs: PlotInputs) -> Chart:
     key, title = "hit_rate_by_capacity", "Hit rate against cache capacity"
     curve = inputs.folder.hit_rate_by_capacity
     if curve is None:
-        return _omit(key, title, "hit_rate_by_capacity.csv is absent (`kvsim trace hit-rate` writes it), "
-                                 "so hit rate against capacity is not shown.")
+        return _omit(key, title, "hit_rate_by_capacity.csv is absent (a scenario writes it when it sets "
+                                 "simulation.hit_rate_capacities_blocks), so hit rate against capacity is not shown.")
     panels = [(column, label) for column, label in (("hit_rate_tokens", "of prompt tokens"),
                                                    ("hit_rate_blocks", "of blocks"))
               if column in curve.columns and curve[column].notna().any()]
@@ -382,7 +382,10 @@ def hit_rate_by_capacity(inputs: PlotInputs) -> Chart:
         if _use_log_scale(capacities, 20):
             axis.set_xscale("log")
         _percent_axis(axis, top=_percent_top(float(np.nanmax(curve[column].to_numpy(dtype=float))) * 100))
-        axis.set_xlabel("prefix cache capacity (blocks)")
+        if "block_tokens" in curve.columns and curve["block_tokens"].notna().any():
+            axis.set_xlabel(f"prefix cache capacity ({int(curve['block_tokens'].iloc[0])}-token blocks)")
+        else:
+            axis.set_xlabel("prefix cache capacity (blocks)")
         axis.set_ylabel(f"hit rate ({label})")
     _legend_on_top(figure, [Line2D([], [], color=colors[policy], marker="o", markersize=3.5, label=policy)
                             for policy in policies])
