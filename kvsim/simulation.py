@@ -216,8 +216,8 @@ def attention_table(scenario: Scenario, mean_request_tokens: float) -> pd.DataFr
 def hit_rate_curve(scenario: Scenario) -> pd.DataFrame | None:
     """Replay the workload's prompts through prefix caches of the scenario's chart capacities.
 
-    The replay is sequential, with only full blocks cached (`kvsim.workload.analysis`); None when the
-    scenario lists no capacities.
+    The replay is sequential, with only full blocks cached (`kvsim.workload.analysis`); the unbounded
+    cache is the row whose capacity is None. Returns None when the scenario lists no capacities.
     """
     simulation = scenario.spec.simulation
     if not simulation.hit_rate_capacities_blocks:
@@ -231,7 +231,7 @@ def hit_rate_curve(scenario: Scenario) -> pd.DataFrame | None:
         "hit_rate_blocks": row["prefix_hit_rate_blocks"],
         "hit_rate_tokens": row["prefix_hit_rate_tokens"],
         "block_tokens": simulation.hit_rate_block_tokens,
-    } for row in rows if row["capacity_blocks"] is not None])
+    } for row in rows])
 
 
 def write_results(result: SimulationResult, out_dir: Path) -> list[Path]:
@@ -240,6 +240,15 @@ def write_results(result: SimulationResult, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     summary = result.summary()
+    curve = hit_rate_curve(result.scenario)
+    if curve is not None:
+        unbounded = curve[curve["capacity_blocks"].isna()]
+        summary["workload_prefix_reuse"] = {
+            "unbounded_hit_rate_tokens": float(unbounded["hit_rate_tokens"].iloc[0]),
+            "unbounded_hit_rate_blocks": float(unbounded["hit_rate_blocks"].iloc[0]),
+            "block_tokens": int(unbounded["block_tokens"].iloc[0]),
+        }
+        curve = curve[curve["capacity_blocks"].notna()]
     path = out_dir / "summary.json"
     atomic_write_text(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     written.append(path)
@@ -259,7 +268,6 @@ def write_results(result: SimulationResult, out_dir: Path) -> list[Path]:
     written.append(path)
 
     scenario = result.scenario
-    curve = hit_rate_curve(scenario)
     if curve is not None:
         path = out_dir / "hit_rate_by_capacity.csv"
         atomic_write_text(path, curve.to_csv(index=False, float_format="%.6g"))

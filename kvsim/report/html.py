@@ -200,7 +200,28 @@ def _report_context(folder: RunFolder, verdict: Verdict, colors: dict[str, str])
         "strategies": {run: folder.strategy(run) for run in folder.run_keys},
         "memory_rows": _memory_rows(folder),
         "show_gpus_needed": any(row.gpus_needed is not None for row in verdict.rows),
+        "prefix_reuse": _prefix_reuse_note(folder),
     }
+
+
+def _prefix_reuse_note(folder: RunFolder) -> str | None:
+    """Compare the runs' prefix hit rates with what a cache that never evicts would reach."""
+    reuse = folder.summary.get("workload_prefix_reuse")
+    if not isinstance(reuse, dict) or finite_float(reuse.get("unbounded_hit_rate_tokens")) is None:
+        return None
+    rates = [finite_float(folder.strategy(run).get("prefix_hit_rate_tokens")) for run in folder.run_keys]
+    rates = [rate for rate in rates if rate]
+    text = (f"A prefix cache that never evicts would serve {reuse['unbounded_hit_rate_tokens']:.1%} of prompt "
+            f"tokens (the prompts replayed in order, {reuse.get('block_tokens', '?')}-token blocks).")
+    if rates:
+        capacities = [finite_float(folder.strategy(run).get("kv_capacity_tokens")) for run in folder.run_keys]
+        capacity = max((c for c in capacities if c), default=None)
+        low, high = min(rates), max(rates)
+        span = f"{high:.1%}" if abs(high - low) < 0.0005 else f"{low:.1%}–{high:.1%}"
+        text += (f" The simulated runs with prefix caching hit {span}: their KV cache"
+                 + (f" ({capacity:,.0f} tokens in all)" if capacity else "")
+                 + " also holds the running requests, so cached blocks are evicted before they are reused.")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
