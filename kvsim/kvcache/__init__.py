@@ -5,7 +5,7 @@ A scenario lists strategies either as shorthand strings or as mappings:
     strategies:
       - contiguous-pow2
       - paged+prefix
-      - {kind: contiguous, reservation: pow2, fit: best, name: "Orca (Pow2)"}
+      - {kind: contiguous, reservation: pow2, fit: buddy, name: "Orca (Pow2)"}
       - {kind: radix, eviction: lfu, page_size: 16}
 
 Every manager gets its capacity from bytes: the KV budget of one replica (per TP rank) divided by
@@ -52,7 +52,7 @@ StrategyKind = Literal["contiguous", "paged", "radix"]
 _ALLOWED_VALUES: dict[str, tuple[Any, ...]] = {
     "kind": ("contiguous", "paged", "radix"),
     "reservation": ("max", "pow2", "oracle"),
-    "fit": ("first", "best"),
+    "fit": ("first", "best", "buddy"),
     "eviction": ("lru", "lfu"),
 }
 
@@ -75,9 +75,11 @@ class StrategyConfig:
     name: str = ""
     """Label shown in reports, derived from the settings when empty."""
     reservation: Literal["max", "pow2", "oracle"] = "max"
-    """Contiguous only: reserve max_model_len slots, the next power of two of the final length, or exactly it."""
-    fit: Literal["first", "best"] = "first"
-    """Contiguous only: take the lowest-addressed hole that fits, or the smallest one."""
+    """Contiguous only: reserve max_model_len slots, the prompt plus the next power of two of the output, or
+    exactly the final length."""
+    fit: Literal["first", "best", "buddy"] = "first"
+    """Contiguous only: take the lowest-addressed hole that fits or the smallest one, or round the reservation up to
+    an aligned power-of-two block of a buddy allocator."""
     enable_prefix_caching: bool = False
     """Paged only: share full blocks of equal prefixes across requests (vLLM automatic prefix caching)."""
     eviction: Literal["lru", "lfu"] = "lru"
@@ -105,7 +107,7 @@ class StrategyConfig:
         """Return a label that distinguishes these settings, equal to the shorthand where one exists."""
         if self.kind == "contiguous":
             label = "contiguous" if self.reservation == "max" else f"contiguous-{self.reservation}"
-            return label + "-best-fit" if self.fit == "best" else label
+            return label + {"first": "", "best": "-best-fit", "buddy": "-buddy"}[self.fit]
         if self.kind == "paged":
             return "paged+prefix" if self.enable_prefix_caching else "paged"
         label = "radix" if self.eviction == "lru" else "radix-lfu"

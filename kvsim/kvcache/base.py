@@ -68,7 +68,8 @@ class MemoryBreakdown:
     - token_state_tokens: slots holding KV of a running sequence (a shared block counts once).
     - reserved_tokens: allocated to a running sequence, empty now, filled before it finishes.
     - internal_fragmentation_tokens: allocated to a running sequence and never to be filled.
-    - external_fragmentation_tokens: free, but in holes too small for the next waiting request.
+    - external_fragmentation_tokens: free, but in holes too small for the next waiting request, and,
+      under buddy allocation, slots of a block past its reservation's end.
     - cached_free_tokens: unreferenced slots kept for prefix reuse, evictable on demand.
     - free_tokens: everything else.
     """

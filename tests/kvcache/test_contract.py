@@ -1,8 +1,8 @@
 """The contract every KV-cache strategy keeps, checked after every operation of random workloads.
 
-Each strategy also runs against a deliberately simple reference model of its own semantics: lists
-and exact token tuples for paged, a sorted list of ranges for contiguous, longest common prefixes
-for radix.
+Each strategy also runs against a deliberately simple reference model of its own semantics. Paged
+uses lists and exact token tuples, contiguous first and best fit a sorted list of ranges, buddy
+allocation the free blocks recomputed from the allocated ones, and radix longest common prefixes.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ STRATEGIES = {
                                                         reservation="pow2"),
     "contiguous-oracle-best": lambda: ContiguousKVCacheManager(name="c", capacity_tokens=60, max_model_len=24,
                                                                reservation="oracle", fit="best"),
+    "contiguous-pow2-buddy": lambda: ContiguousKVCacheManager(name="c", capacity_tokens=60, max_model_len=24,
+                                                              reservation="pow2", fit="buddy"),
+    "contiguous-oracle-buddy": lambda: ContiguousKVCacheManager(name="c", capacity_tokens=100, max_model_len=24,
+                                                                reservation="oracle", fit="buddy"),
     "paged": lambda: PagedKVCacheManager(name="p", num_blocks=14, block_size=BLOCK_SIZE,
                                          enable_prefix_caching=False),
     "paged+prefix": lambda: PagedKVCacheManager(name="p", num_blocks=14, block_size=BLOCK_SIZE,
@@ -82,13 +86,15 @@ def check_accounting(manager, live: list[Sequence]) -> None:
         manager.check_invariants()
         assert parts.cached_free_tokens == manager.evictable_tokens
     assert parts.token_state_tokens <= held
+    # A buddy block's slack past its reservation counts as external fragmentation but is not free.
+    slack = manager.block_slack_tokens if isinstance(manager, ContiguousKVCacheManager) else 0
     assert manager.num_free_tokens == parts.free_tokens + parts.cached_free_tokens + \
-        parts.external_fragmentation_tokens
+        parts.external_fragmentation_tokens - slack
 
 
 def check_contiguous_layout(manager: ContiguousKVCacheManager, live: list[Sequence]) -> None:
-    """Reserved ranges never overlap, and with the holes they tile the address space exactly."""
-    ranges = sorted([manager.reserved_range(seq) for seq in live] + manager.free_space.holes())
+    """Allocated blocks never overlap, and with the holes they tile the address space exactly."""
+    ranges = sorted([manager.block_range(seq) for seq in live] + manager.free_space.holes())
     position = 0
     for start, size in ranges:
         assert start == position, ranges
@@ -96,7 +102,19 @@ def check_contiguous_layout(manager: ContiguousKVCacheManager, live: list[Sequen
     assert position == manager.capacity_tokens
     parts = manager.breakdown()
     reserved_slots = sum(manager.reserved_range(seq)[1] for seq in live)
+    block_slots = sum(manager.block_range(seq)[1] for seq in live)
     assert parts.token_state_tokens + parts.reserved_tokens + parts.internal_fragmentation_tokens == reserved_slots
+    assert parts.external_fragmentation_tokens == manager.block_slack_tokens == block_slots - reserved_slots
+    for seq in live:
+        start, size = manager.reserved_range(seq)
+        block_start, block_size = manager.block_range(seq)
+        assert start == block_start, (seq.seq_id, start, block_start)
+        assert size <= block_size, (seq.seq_id, size, block_size)
+        if manager.fit == "buddy":
+            assert block_size & (block_size - 1) == 0, (seq.seq_id, block_size)
+            assert start % block_size == 0, (seq.seq_id, start, block_size)
+        else:
+            assert size == block_size
 
 
 def check_paged_ownership(manager: PagedKVCacheManager, live: list[Sequence]) -> None:
@@ -394,6 +412,56 @@ class ReferenceContiguous:
         return min(gaps)[1] if self.fit == "best" else min(gaps, key=lambda gap: gap[1])[1]
 
 
+class ReferenceBuddy:
+    """Buddy allocation without split or merge bookkeeping: the free blocks are recomputed from the allocated ones.
+
+    A free block is a block of the buddy tree that no allocation overlaps, inside a tree node that some
+    allocation does overlap (or a top-level block). That is the state a buddy allocator reaches when
+    it splits only on demand and merges every pair of free buddies.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.top_level: list[tuple[int, int]] = []
+        start = 0
+        for size in (2 ** bit for bit in range(capacity.bit_length() - 1, -1, -1)):
+            if capacity & size:
+                self.top_level.append((start, size))
+                start += size
+        self.blocks: dict[int, tuple[int, int]] = {}
+
+    def free_blocks(self) -> list[tuple[int, int]]:
+        used = list(self.blocks.values())
+        found: list[tuple[int, int]] = []
+
+        def visit(start: int, size: int) -> None:
+            overlapping = [(a, b) for a, b in used if a < start + size and start < a + b]
+            if not overlapping:
+                found.append((start, size))
+            elif not any(a <= start and start + size <= a + b for a, b in overlapping):
+                visit(start, size // 2)
+                visit(start + size // 2, size // 2)
+
+        for start, size in self.top_level:
+            visit(start, size)
+        return sorted(found)
+
+    def place(self, size: int) -> tuple[int, int] | None:
+        block = 2 ** math.ceil(math.log2(size))
+        fitting = [(free_size, start) for start, free_size in self.free_blocks() if free_size >= block]
+        return (min(fitting)[1], block) if fitting else None
+
+
+def reference_reservation(reservation: str, seq: Sequence, max_model_len: int) -> int:
+    """The vLLM paper's Orca reservations: max_model_len, prompt + next power of two of the output, exact."""
+    if reservation == "max":
+        return max_model_len
+    if reservation == "oracle":
+        return min(seq.final_num_tokens, max_model_len)
+    num_output_tokens = seq.final_num_tokens - seq.num_prompt_tokens
+    rounded = 2 ** math.ceil(math.log2(num_output_tokens)) if num_output_tokens else 0
+    return min(seq.num_prompt_tokens + rounded, max_model_len)
+
+
 @pytest.mark.parametrize("reservation, fit", [("max", "first"), ("pow2", "first"), ("oracle", "best")])
 @FAST
 @given(operations=OPERATIONS)
@@ -405,8 +473,7 @@ def test_contiguous_matches_reference_model(reservation, fit, operations):
     def observe(event, *args):
         if event == "admit":
             seq, _, _, ok = args
-            size = {"max": 24, "oracle": seq.final_num_tokens,
-                    "pow2": min(24, 2 ** math.ceil(math.log2(seq.final_num_tokens)))}[reservation]
+            size = reference_reservation(reservation, seq, 24)
             start = reference.place(size)
             assert ok == (start is not None)
             if ok:
@@ -416,6 +483,41 @@ def test_contiguous_matches_reference_model(reservation, fit, operations):
             reference.ranges.pop(args[0].seq_id)
 
     run_workload(manager, operations, observe)
+
+
+@pytest.mark.parametrize("reservation, capacity", [("pow2", 60), ("oracle", 100), ("max", 64)])
+@FAST
+@given(operations=OPERATIONS)
+def test_buddy_matches_reference_model(reservation, capacity, operations):
+    compare_buddy_with_reference(reservation, capacity, operations)
+
+
+def test_buddy_matches_reference_model_long():
+    manager = compare_buddy_with_reference("oracle", 100, seeded_operations(13))
+    assert manager.stats.lookups > 0
+
+
+def compare_buddy_with_reference(reservation: str, capacity: int, operations) -> ContiguousKVCacheManager:
+    manager = ContiguousKVCacheManager(name="c", capacity_tokens=capacity, max_model_len=24, reservation=reservation,
+                                       fit="buddy")
+    reference = ReferenceBuddy(capacity)
+
+    def observe(event, *args):
+        if event == "admit":
+            seq, _, _, ok = args
+            size = reference_reservation(reservation, seq, 24)
+            placed = reference.place(size)
+            assert ok == (placed is not None)
+            if ok:
+                reference.blocks[seq.seq_id] = placed
+                assert manager.block_range(seq) == placed
+                assert manager.reserved_range(seq) == (placed[0], size)
+        elif event == "free":
+            reference.blocks.pop(args[0].seq_id)
+        assert manager.free_space.holes() == reference.free_blocks()
+
+    run_workload(manager, operations, observe)
+    return manager
 
 
 @pytest.mark.parametrize("page_size", [1, 4])

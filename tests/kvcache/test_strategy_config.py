@@ -30,8 +30,8 @@ def test_shorthands():
 
 
 def test_mapping_with_name():
-    config = parse_strategy({"kind": "contiguous", "reservation": "pow2", "fit": "best", "name": "Orca (Pow2)"})
-    assert (config.kind, config.reservation, config.fit, config.name) == ("contiguous", "pow2", "best", "Orca (Pow2)")
+    config = parse_strategy({"kind": "contiguous", "reservation": "pow2", "fit": "buddy", "name": "Orca (Pow2)"})
+    assert (config.kind, config.reservation, config.fit, config.name) == ("contiguous", "pow2", "buddy", "Orca (Pow2)")
 
 
 def test_default_names():
@@ -40,6 +40,8 @@ def test_default_names():
     assert parse_strategy({"kind": "contiguous"}) == parse_strategy("contiguous")
     assert parse_strategy({"kind": "contiguous", "reservation": "oracle", "fit": "best"}).name == \
         "contiguous-oracle-best-fit"
+    assert parse_strategy({"kind": "contiguous", "reservation": "pow2", "fit": "buddy"}).name == "contiguous-pow2-buddy"
+    assert parse_strategy({"kind": "contiguous", "fit": "buddy"}).name == "contiguous-buddy"
     assert parse_strategy({"kind": "paged", "enable_prefix_caching": True}).name == "paged+prefix"
     assert parse_strategy({"kind": "radix", "eviction": "lfu", "page_size": 16}).name == "radix-lfu-page16"
 
@@ -50,7 +52,8 @@ def test_default_names():
     ({"reservation": "max"}, r"missing key 'kind'"),
     ({"kind": "tree"}, r"kind: invalid value 'tree'; use one of contiguous, paged, radix"),
     ({"kind": "contiguous", "reservation": "half"}, r"reservation: invalid value 'half'; use one of max, pow2, oracle"),
-    ({"kind": "contiguous", "fit": "worst"}, r"fit: invalid value 'worst'; use one of first, best"),
+    ({"kind": "contiguous", "fit": "worst"}, r"fit: invalid value 'worst'; use one of first, best, buddy$"),
+    ({"kind": "paged", "fit": "buddy"}, r"fit: applies only to kind contiguous, not to kind paged"),
     ({"kind": "radix", "eviction": "fifo"}, r"eviction: invalid value 'fifo'; use one of lru, lfu"),
     ({"kind": "radix", "page_size": 0}, r"page_size: invalid value 0"),
     ({"kind": "paged", "enable_prefix_caching": "yes"}, r"enable_prefix_caching: invalid value 'yes'"),
@@ -78,7 +81,13 @@ def test_capacity_from_bytes():
     assert isinstance(radix, RadixKVCacheManager)
     assert (radix.capacity_pages, radix.capacity_tokens, radix.block_size) == (1250, 10_000, 8)
 
-    for manager in (paged, contiguous, radix):
+    buddy = make_manager(parse_strategy({"kind": "contiguous", "fit": "buddy"}), **sizes)
+    assert isinstance(buddy, ContiguousKVCacheManager)
+    assert buddy.fit == "buddy"
+    # 10,000 slots = 8,192 + 1,024 + 512 + 256 + 16 as top-level buddy blocks.
+    assert [size for _, size in buddy.free_space.holes()] == [8192, 1024, 512, 256, 16]
+
+    for manager in (paged, contiguous, radix, buddy):
         assert isinstance(manager, KVCacheManager)
         assert manager.num_free_tokens == 10_000
         assert manager.breakdown().free_tokens == 10_000

@@ -142,12 +142,34 @@ def test_opt_13b_capacity_by_hand(fragmentation_scenario):
 def test_fragmentation_rows_cover_fig2_and_fig13(fragmentation_summaries):
     checks = fragmentation_checks(fragmentation_summaries, REDUCED_REQUESTS, quick=True)
     keys = {check.key for check in checks}
-    # 3 Orca systems × 4 shares, vLLM's token states, and the buddy cross-check.
-    assert sum(key.startswith("fig2.") for key in keys) == 14
-    # 4 systems and the buddy cross-check.
-    assert sum(key.startswith("fig13.") for key in keys) == 5
+    # 3 Orca systems × 4 shares, vLLM's token states, and Pow2 and Oracle placed first fit.
+    assert sum(key.startswith("fig2.") for key in keys) == 15
+    # 4 systems, and Pow2 and Oracle placed first fit.
+    assert sum(key.startswith("fig13.") for key in keys) == 6
     for check in checks:
         assert not check.required, f"{check.name} must stay informational"
+    comparison = [check for check in checks if "-first-fit" in check.key]
+    assert {check.key for check in comparison} == {
+        "fig2.orca-pow2-first-fit.token", "fig2.orca-oracle-first-fit.token",
+        "fig13.orca-pow2-first-fit", "fig13.orca-oracle-first-fit"}
+    for check in comparison:
+        assert check.published is None, f"{check.name} has no published figure"
+
+
+def test_first_fit_comparison_runs(fragmentation_summaries):
+    # Only the buddy strategies get a first-fit run; Max is first fit already.
+    assert set(fragmentation_summaries) == {"Orca (Max)", "Orca (Pow2)", "Orca (Oracle)", "vLLM",
+                                            "Orca (Pow2), first fit", "Orca (Oracle), first fit"}
+    for system in ("Orca (Pow2)", "Orca (Oracle)"):
+        buddy = fragmentation_summaries[system]
+        first_fit = fragmentation_summaries[f"{system}, first fit"]
+        # Buddy blocks round each reservation up to a power of two: fewer requests fit, less memory holds tokens.
+        assert buddy["saturated_concurrent_requests"] < first_fit["saturated_concurrent_requests"], system
+        assert buddy["token_state_fraction"] < first_fit["token_state_fraction"], system
+        assert buddy["external_fragmentation_fraction"] > first_fit["external_fragmentation_fraction"], system
+    # Buddy slack counts as external fragmentation, so Oracle keeps no internal fragmentation, as in the
+    # vLLM paper's Fig. 2.
+    assert fragmentation_summaries["Orca (Oracle)"]["internal_fragmentation_fraction"] == 0
 
 
 def test_fig2_shares_sum_to_100(fragmentation_summaries):
@@ -173,7 +195,7 @@ def test_render_markdown_has_every_check(fragmentation_scenario, fragmentation_s
     for group in GROUPS:
         assert f"## {group}" in page
     assert "`kvsim validate --write --quick`" in page
-    assert "## Why Orca (Pow2) and Orca (Oracle) differ from the paper" in page
+    assert "## Orca (Pow2), Orca (Oracle) and the buddy allocator" in page
     assert "## The Mooncake hit rates" in page
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kvsim.scenario import load_scenario
+from kvsim.simulation import simulate_run
 from kvsim.validation import load_fragmentation_scenario, simulate_fragmentation
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,6 +25,8 @@ def test_fragmentation_scenario_settings():
     strategies = {strategy.name: strategy for strategy in scenario.strategies}
     assert list(strategies) == list(SYSTEMS)
     assert [strategies[name].reservation for name in SYSTEMS[:3]] == ["max", "pow2", "oracle"]
+    # The vLLM paper's Orca baselines use a buddy allocator; Max's power-of-two reservations need none.
+    assert [strategies[name].fit for name in SYSTEMS[:3]] == ["first", "buddy", "buddy"]
     assert strategies["vLLM"].kind == "paged"
     assert scenario.engine.block_size == 16
     assert scenario.max_model_len == 2048
@@ -65,6 +68,20 @@ def test_orca_max_batch_is_seven(reduced_summaries):
     assert capacity // 2048 == 7
     assert reduced_summaries["Orca (Max)"]["max_concurrent_requests"] == 7
     assert reduced_summaries["Orca (Max)"]["saturated_concurrent_requests"] == pytest.approx(7.0, abs=0.01)
+
+
+def test_orca_max_same_in_buddy_allocator():
+    # 2,048-slot reservations are buddy blocks already, and 15,536 slots hold 7 of them either way.
+    scenario = load_fragmentation_scenario(num_requests=1500)
+    scenario = scenario.with_changes({"strategies": [
+        {"kind": "contiguous", "reservation": "max", "name": "first fit"},
+        {"kind": "contiguous", "reservation": "max", "fit": "buddy", "name": "buddy"}]})
+    first_fit, buddy = (simulate_run(scenario, run, seed=scenario.spec.seed).summary for run in scenario.runs())
+    for key in ("requests_completed", "max_concurrent_requests", "simulated_time_s", "preemptions"):
+        assert first_fit[key] == buddy[key], key
+    for key in ("token_state_fraction", "reserved_fraction", "internal_fragmentation_fraction",
+                "external_fragmentation_fraction", "saturated_concurrent_requests"):
+        assert first_fit[key] == pytest.approx(buddy[key], abs=1e-4), key
 
 
 def test_load_keeps_a_queue(reduced_summaries):
