@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kvsim.errors import UserError
+from kvsim.errors import UserError, read_user_file
 
 # Bytes per element. int4 packs two elements in a byte.
 DTYPE_BYTES: dict[str, float] = {
@@ -315,12 +315,7 @@ class ModelSpec:
     def from_hf_config(cls, path: str | Path, *, name: str | None = None) -> ModelSpec:
         """Read a Hugging Face `config.json` (Llama, Mistral, Mixtral, Qwen2, DeepSeek-V2/V3, OPT)."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise UserError(f"{path}: model config not found; pass the path of a Hugging Face config.json")
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read model config ({exc.strerror})")
+        text = read_user_file(path, "model config", "pass the path of a Hugging Face config.json")
         try:
             config = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -16,11 +16,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvsim.capacity import CapacityPlan, plan_capacity
-from kvsim.errors import UserError
+from kvsim.errors import UserError, read_user_file
 from kvsim.hardware import GB, GiB, TFLOPS, GpuSpec, load_gpu
 from kvsim.models import ModelSpec, load_preset, normalize_dtype
 from kvsim.workload.spec import UNION_TAGS as WORKLOAD_UNION_TAGS
 from kvsim.workload.spec import WorkloadSpec
+
+
+def _preset_shorthand(value: Any) -> Any:
+    """Let a section be written as its preset name alone (`gpu: H100-SXM`)."""
+    if isinstance(value, str):
+        return {"preset": value}
+    return value
 
 
 class _Section(BaseModel):
@@ -81,12 +88,7 @@ class ModelSection(_Section):
         default_factory=list,
         description="Attention variants to simulate with every strategy (MHA, GQA, MQA, MLA, KV dtypes).")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return {"preset": value}
-        return value
+    _shorthand = model_validator(mode="before")(classmethod(lambda cls, value: _preset_shorthand(value)))
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
@@ -127,12 +129,7 @@ class GpuSection(_Section):
     interconnect_gb_per_s: float = Field(0.0, ge=0, description="GPU-to-GPU bandwidth, in GB/s.")
     pcie_gb_per_s: float = Field(64.0, gt=0, description="Host link bandwidth, in GB/s (swap cost).")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return {"preset": value}
-        return value
+    _shorthand = model_validator(mode="before")(classmethod(lambda cls, value: _preset_shorthand(value)))
 
     @model_validator(mode="after")
     def _complete(self) -> GpuSection:
@@ -399,14 +396,7 @@ def _clean_location(loc: tuple) -> str:
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario file; every problem is a UserError naming the file and field."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; pass a scenario .yaml file")
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{path}: scenario file not found; check the path (shipped scenarios are in scenarios/)")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the scenario file ({exc.strerror})")
+    text = read_user_file(path, "scenario file", "check the path (shipped scenarios are in scenarios/)")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
