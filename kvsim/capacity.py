@@ -113,19 +113,22 @@ def plan_capacity(model: ModelSpec, gpu: GpuSpec, *, tp: int = 1, block_size: in
     per_token = model.kv_bytes_per_token_per_rank(tp)
     block_bytes = block_size * per_token
 
+    # The GPU must hold the weights, the activations and at least one KV block. A fixed capacity (a what-if
+    # tier such as CPU memory) still needs the first three on the GPU.
+    kv_needed = block_bytes if kv_capacity_tokens is None else 0
+    if check_fits and budget < kv_needed:
+        needed = weights + activation_peak_bytes + runtime_overhead_bytes + kv_needed
+        raise UserError(
+            f"model {model.name!r} does not fit {gpu.name} at tp={tp}: each GPU needs "
+            f"{needed / GiB:.2f} GiB (weights {weights / GiB:.2f} GiB, activations "
+            f"{activation_peak_bytes / GiB:.2f} GiB, runtime {runtime_overhead_bytes / GiB:.2f} GiB"
+            f"{', one KV block' if kv_needed else ''}) but gpu_memory_utilization={gpu_memory_utilization} "
+            f"allows {usable / GiB:.2f} GiB; raise tp, choose a larger GPU, a smaller weight_dtype, "
+            f"or lower max_num_batched_tokens"
+        )
     if kv_capacity_tokens is not None:
         num_blocks = kv_capacity_tokens // block_size
     else:
-        if check_fits and budget < block_bytes:
-            needed = weights + activation_peak_bytes + runtime_overhead_bytes + block_bytes
-            raise UserError(
-                f"model {model.name!r} does not fit {gpu.name} at tp={tp}: each GPU needs "
-                f"{needed / GiB:.2f} GiB (weights {weights / GiB:.2f} GiB, activations "
-                f"{activation_peak_bytes / GiB:.2f} GiB, runtime {runtime_overhead_bytes / GiB:.2f} GiB, "
-                f"one KV block) but gpu_memory_utilization={gpu_memory_utilization} allows "
-                f"{usable / GiB:.2f} GiB; raise tp, choose a larger GPU, a smaller weight_dtype, "
-                f"or lower max_num_batched_tokens"
-            )
         num_blocks = max(0, budget // block_bytes)
     return CapacityPlan(
         memory_bytes=gpu.memory_bytes,

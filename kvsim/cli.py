@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -28,9 +29,16 @@ app.add_typer(trace_app, name="trace")
 app.command("plan")(plan_command)
 app.command("sweep")(sweep_command)
 
-# Rich falls back to 80 columns when output is not a terminal; tables here need more.
-console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+
+
+def _console_width(stream) -> int | None:
+    # Rich falls back to 80 columns when output is not a terminal; tables here need more, unless the
+    # user sets COLUMNS.
+    return None if stream.isatty() or "COLUMNS" in os.environ else 140
+
+
+console = Console(width=_console_width(sys.stdout))
+err_console = Console(stderr=True, width=_console_width(sys.stderr))
 
 GB = 1000**3
 GiB = 1024**3
@@ -265,7 +273,6 @@ def run(
     profile_data = _load_profile(profile)
     out_dir = out if out is not None else Path("reports") / _safe_folder_name(loaded.name)
     runs = loaded.runs()
-    _log_capacity(loaded)
 
     show_progress = not json_output and sys.stderr.isatty()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
@@ -279,31 +286,27 @@ def run(
                 progress.advance(task)
 
         result = simulate(loaded, seed=seed, profile=profile_data, profile_path=profile, on_run=on_run)
-    write_results(result, out_dir)
-    summary = result.summary()
-    if not no_report:
-        from kvsim.report import render_report
+    try:
+        write_results(result, out_dir)
+        if not no_report:
+            from kvsim.report import render_report
 
-        render_report(out_dir)
+            render_report(out_dir)
+    except OSError as exc:
+        raise UserError(f"--out: cannot write results to {out_dir} ({exc.strerror or exc}); "
+                        f"choose a folder you can write to")
+    summary = json.loads((out_dir / "summary.json").read_text())
     if json_output:
         console.print_json(json.dumps(summary))
         return
+    _print_capacity_lines(result)
     _print_run_summary(summary, out_dir, no_report)
+    _warn_rejected(summary, result.scenario.max_model_len)
 
 
 def _safe_folder_name(name: str) -> str:
     cleaned = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name).strip("-.")
     return cleaned or "scenario"
-
-
-def _log_capacity(scenario) -> None:
-    log = logging.getLogger("kvsim.capacity")
-    for label, model in scenario.variant_models():
-        plan = scenario.capacity(model)
-        length = scenario.max_model_len
-        log.info("%s on %s × %d: KV cache %s tokens; maximum concurrency for %s tokens per request: %.2fx",
-                 model.name, scenario.gpu.name, scenario.engine.tp, f"{plan.kv_capacity_tokens:,}",
-                 f"{length:,}", plan.max_concurrency(length))
 
 
 def _format_latency(value: float | None) -> str:
@@ -316,30 +319,41 @@ def _format_latency(value: float | None) -> str:
     return f"{value * 1000:,.0f} ms"
 
 
-def _print_capacity_lines(summary: dict[str, Any]) -> None:
-    """One line per attention variant in the form vLLM logs its KV-cache size."""
-    max_model_len = summary["scenario"]["engine"]["max_model_len"]
-    seen = set()
-    for entry in summary["strategies"].values():
-        key = (entry["variant"], entry["kv_capacity_tokens_per_replica"])
-        if key in seen:
+def _print_capacity_lines(result) -> None:
+    """Print one line per attention variant, in the form vLLM logs its KV-cache size at start-up."""
+    max_model_len = result.scenario.max_model_len
+    printed = set()
+    for run_result in result.runs:
+        variant = run_result.run.variant
+        if variant in printed:
             continue
-        seen.add(key)
-        tokens = entry["kv_capacity_tokens_per_replica"]
-        label = "" if entry["variant"] == "base" else f"{entry['variant']}: "
+        printed.add(variant)
+        tokens = run_result.capacity.kv_capacity_tokens
+        label = "" if variant == "base" else f"{variant}: "
         console.print(f"{label}KV cache {tokens:,} tokens per replica; maximum concurrency for "
                       f"{max_model_len:,} tokens per request: {tokens / max_model_len:.2f}x", highlight=False)
 
 
+def _warn_rejected(summary: dict[str, Any], max_model_len: int) -> None:
+    counts = {key: entry.get("requests_rejected") or 0 for key, entry in summary["strategies"].items()}
+    counts = {key: count for key, count in counts.items() if count}
+    if not counts:
+        return
+    listed = ", ".join(f"{key} {count:,}" for key, count in counts.items())
+    err_console.print(
+        f"[yellow]warning:[/] requests rejected ({listed}): a prompt of max_model_len ({max_model_len:,}) tokens "
+        f"or more leaves no room to generate, and a prompt larger than the KV cache never fits; raise "
+        f"engine.max_model_len or give the KV cache more memory", highlight=False, soft_wrap=True)
+
+
 def _print_run_summary(summary: dict[str, Any], out_dir: Path, no_report: bool) -> None:
     scenario = summary["scenario"]
-    _print_capacity_lines(summary)
     gpus = scenario["tp"] * scenario["replicas"]
     table = Table(title=f"{scenario['name']}: {scenario['model']} on {gpus} × {scenario['gpu']} "
                         f"(step times: {summary['latency_model'].get('latency_model')})")
     table.add_column("run", no_wrap=True)
     for column in ("users under load", "peak batch", "token states", "prefix hit", "prefill computed",
-                   "preemptions", "TTFT p99", "TPOT p99", "output tok/s", "SLO"):
+                   "preempt.", "TTFT p99", "TPOT p99", "output tok/s", "SLO"):
         table.add_column(column, justify="right")
     for key, entry in summary["strategies"].items():
         slo = entry.get("slo_met")
@@ -381,14 +395,15 @@ def report(out_dir: Annotated[Path, typer.Argument(help="A folder written by `kv
 def compare(
     first: Annotated[Path, typer.Argument(help="A results folder.")],
     second: Annotated[Path, typer.Argument(help="Another results folder.")],
-    out: Annotated[Optional[Path], typer.Option(help="Output HTML file (default: compare.html in FIRST).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output HTML file (default: reports/compare-FIRST-vs-SECOND/compare.html).")] = None,
 ) -> None:
     """Set two result folders side by side in one HTML page."""
     from kvsim.report import compare_reports
 
     _require_results(first)
     _require_results(second)
-    path = compare_reports(first, second, out or first / "compare.html")
+    default = Path("reports") / _safe_folder_name(f"compare-{first.resolve().name}-vs-{second.resolve().name}")
+    path = compare_reports(first, second, out or default / "compare.html")
     console.print(f"wrote {path}", highlight=False)
 
 

@@ -23,6 +23,14 @@ from kvsim.workload.spec import UNION_TAGS as WORKLOAD_UNION_TAGS
 from kvsim.workload.spec import WorkloadSpec
 
 
+def _in_section(source: str, section: str, resolve):
+    """Call `resolve`, prefixing a UserError's message with the file and the section it concerns."""
+    try:
+        return resolve()
+    except UserError as exc:
+        raise UserError(f"{source}: {section}: {exc}") from None
+
+
 def _preset_shorthand(value: Any) -> Any:
     """Let a section be written as its preset name alone (`gpu: H100-SXM`)."""
     if isinstance(value, str):
@@ -268,9 +276,16 @@ class Scenario:
         self.spec = spec
         self.path = path
         self.base_dir = path.parent if path else Path.cwd()
-        self.model = spec.model.resolve(self.base_dir)
-        self.gpu = spec.gpu.resolve()
-        self.model.check_tp(spec.engine.tp)
+        source = self.source = str(path) if path else "scenario"
+        self.model = _in_section(source, "model", lambda: spec.model.resolve(self.base_dir))
+        self.gpu = _in_section(source, "gpu", spec.gpu.resolve)
+        _in_section(source, "engine.tp", lambda: self.model.check_tp(spec.engine.tp))
+        limit = self.model.max_position_embeddings
+        if spec.engine.max_model_len is not None and spec.engine.max_model_len > limit:
+            # vLLM refuses this too: positions past the trained context are undefined for the model.
+            raise UserError(f"{source}: engine.max_model_len: {spec.engine.max_model_len:,} exceeds the context length "
+                            f"of {self.model.name} ({limit:,} tokens, max_position_embeddings); lower it to at "
+                            f"most {limit:,}")
 
     @property
     def name(self) -> str:
@@ -315,14 +330,14 @@ class Scenario:
 
     def capacity(self, model: ModelSpec | None = None) -> CapacityPlan:
         engine = self.engine
-        return plan_capacity(
+        return _in_section(self.source, "engine", lambda: plan_capacity(
             model or self.model, self.gpu, tp=engine.tp, block_size=engine.block_size,
             gpu_memory_utilization=engine.gpu_memory_utilization,
             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=engine.max_num_seqs,
             activation_peak_bytes=None if engine.activation_peak_gib is None else int(engine.activation_peak_gib * GiB),
             runtime_overhead_bytes=None if engine.runtime_overhead_gib is None else int(engine.runtime_overhead_gib * GiB),
             kv_capacity_tokens=engine.kv_capacity_tokens,
-        )
+        ))
 
     @property
     def max_num_batched_tokens(self) -> int:

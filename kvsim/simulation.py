@@ -21,6 +21,7 @@ from kvsim.capacity import CapacityPlan
 from kvsim.engine.cluster import Cluster
 from kvsim.engine.latency import LatencyModel, RooflineLatencyModel
 from kvsim.engine.replica import SchedulerConfig
+from kvsim.errors import UserError
 from kvsim.hardware import GiB
 from kvsim.kvcache import make_manager
 from kvsim.metrics import RunRecorder, steady_window, summarize_run
@@ -139,6 +140,9 @@ def simulate_run(scenario: Scenario, run: Run, *, seed: int, profile: Any | None
     recorder.close(cluster.last_finish_s)
 
     requests = recorder.requests_frame()
+    if requests.empty and recorder.rejected == 0:
+        raise UserError(f"{scenario.path or scenario.name}: workload: the workload produced no requests; "
+                        f"check its size (users, num_requests, duration_s) or the trace file's rows")
     sim = scenario.spec.simulation
     window = steady_window(requests, sim.warmup_s, sim.cooldown_s)
     slo = scenario.spec.slo.model_dump(exclude_none=True)
@@ -158,7 +162,10 @@ def simulate_run(scenario: Scenario, run: Run, *, seed: int, profile: Any | None
         "window": {"start_s": window.start_s, "end_s": window.end_s},
         "wall_time_s": wall,
     })
-    summary["users_per_gpu"] = summary["max_concurrent_requests"] / summary["gpus"]
+    users = summary["saturated_concurrent_requests"]
+    if users is None:
+        users = summary["max_concurrent_requests"]
+    summary["users_per_gpu"] = users / summary["gpus"]
     return RunResult(run=run, capacity=capacity, summary=summary, requests=requests,
                      timeline=recorder.timeline_frame(), wall_time_s=wall)
 
@@ -234,13 +241,25 @@ def hit_rate_curve(scenario: Scenario) -> pd.DataFrame | None:
     } for row in rows])
 
 
+RESULT_FILES = ("summary.json", "requests.csv", "timeline.csv", "attention.csv", "hit_rate_by_capacity.csv",
+                "scenario.yaml", "profile.json")
+
+
 def write_results(result: SimulationResult, out_dir: Path) -> list[Path]:
     """Write summary.json, requests.csv, timeline.csv, attention.csv, scenario.yaml and, when the scenario
-    asks for it, hit_rate_by_capacity.csv, each atomically."""
+    asks for it, hit_rate_by_capacity.csv, each atomically.
+
+    summary.json goes last, and an older one is removed first: a folder interrupted while it is being
+    rewritten has no summary, so `kvsim report` refuses it instead of mixing two runs. Result files an
+    older run left and this one does not write are removed too.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    (out_dir / "summary.json").unlink(missing_ok=True)
+    scenario = result.scenario
     summary = result.summary()
-    curve = hit_rate_curve(result.scenario)
+    files: dict[str, str] = {}
+
+    curve = hit_rate_curve(scenario)
     if curve is not None:
         unbounded = curve[curve["capacity_blocks"].isna()]
         summary["workload_prefix_reuse"] = {
@@ -248,37 +267,30 @@ def write_results(result: SimulationResult, out_dir: Path) -> list[Path]:
             "unbounded_hit_rate_blocks": float(unbounded["hit_rate_blocks"].iloc[0]),
             "block_tokens": int(unbounded["block_tokens"].iloc[0]),
         }
-        curve = curve[curve["capacity_blocks"].notna()]
-    path = out_dir / "summary.json"
-    atomic_write_text(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    written.append(path)
+        files["hit_rate_by_capacity.csv"] = curve[curve["capacity_blocks"].notna()].to_csv(
+            index=False, float_format="%.6g")
 
     requests = pd.concat([r.requests.assign(run=r.run.key) for r in result.runs], ignore_index=True)
     requests = requests[["run", *[c for c in requests.columns if c != "run"]]]
     timeline = pd.concat([r.timeline.assign(run=r.run.key) for r in result.runs], ignore_index=True)
     timeline = timeline[["run", *[c for c in timeline.columns if c != "run"]]]
-    for name, frame in (("requests.csv", requests), ("timeline.csv", timeline)):
-        path = out_dir / name
-        atomic_write_text(path, frame.to_csv(index=False, float_format="%.6g"))
-        written.append(path)
-
+    files["requests.csv"] = requests.to_csv(index=False, float_format="%.6g")
+    files["timeline.csv"] = timeline.to_csv(index=False, float_format="%.6g")
     mean_tokens = float((requests["prompt_tokens"] + requests["output_tokens"]).mean()) if len(requests) else 1.0
-    path = out_dir / "attention.csv"
-    atomic_write_text(path, attention_table(result.scenario, mean_tokens).to_csv(index=False, float_format="%.6g"))
-    written.append(path)
-
-    scenario = result.scenario
-    if curve is not None:
-        path = out_dir / "hit_rate_by_capacity.csv"
-        atomic_write_text(path, curve.to_csv(index=False, float_format="%.6g"))
-        written.append(path)
+    files["attention.csv"] = attention_table(scenario, mean_tokens).to_csv(index=False, float_format="%.6g")
     if scenario.path is not None and scenario.path.exists():
-        path = out_dir / "scenario.yaml"
-        atomic_write_text(path, scenario.path.read_text())
-        written.append(path)
+        files["scenario.yaml"] = scenario.path.read_text()
     if result.profile_path is not None:
-        path = out_dir / "profile.json"
-        atomic_write_text(path, result.profile_path.read_text())
+        files["profile.json"] = result.profile_path.read_text()
+    files["summary.json"] = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+
+    for name in RESULT_FILES:
+        if name not in files:
+            (out_dir / name).unlink(missing_ok=True)
+    written = []
+    for name, text in files.items():
+        path = out_dir / name
+        atomic_write_text(path, text)
         written.append(path)
     return written
 

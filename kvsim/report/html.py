@@ -201,7 +201,19 @@ def _report_context(folder: RunFolder, verdict: Verdict, colors: dict[str, str])
         "memory_rows": _memory_rows(folder),
         "show_gpus_needed": any(row.gpus_needed is not None for row in verdict.rows),
         "prefix_reuse": _prefix_reuse_note(folder),
+        "rejections": _rejections_note(folder),
     }
+
+
+def _rejections_note(folder: RunFolder) -> str | None:
+    """Name the runs that rejected requests, which the latency and throughput figures leave out."""
+    counts = {run: positive_int(folder.strategy(run).get("requests_rejected"), 0) for run in folder.run_keys}
+    counts = {run: count for run, count in counts.items() if count}
+    if not counts:
+        return None
+    listed = ", ".join(f"{run}: {count:,}" for run, count in counts.items())
+    return (f"Requests rejected ({listed}). A prompt of max_model_len tokens or more leaves no room to generate, "
+            f"and a prompt larger than the KV cache never fits; the figures here leave these requests out.")
 
 
 def _prefix_reuse_note(folder: RunFolder) -> str | None:

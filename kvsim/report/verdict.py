@@ -63,6 +63,9 @@ class RunVerdict:
     slo_checks: tuple[SloCheck, ...]
     gpus_needed: float | None
     output_tokens_per_s: float | None
+    goodput_requests_per_s: float | None = None
+    ttft_p99_s: float | None = None
+    tpot_p99_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,21 @@ def _run_verdict(folder: RunFolder, run: str, targets: tuple[SloTarget, ...]) ->
         slo_checks=checks,
         gpus_needed=_gpus_needed(folder, run),
         output_tokens_per_s=finite_float(strategy.get("output_tokens_per_s")),
+        goodput_requests_per_s=finite_float(strategy.get("goodput_requests_per_s")),
+        ttft_p99_s=_percentile_of(strategy, "ttft_s", "p99"),
+        tpot_p99_s=_percentile_of(strategy, "tpot_s", "p99"),
     )
+
+
+def _percentile_of(strategy: dict[str, Any], key: str, statistic: str) -> float | None:
+    stats = strategy.get(key)
+    return finite_float(stats.get(statistic)) if isinstance(stats, dict) else None
+
+
+def is_open_loop(folder: RunFolder) -> bool:
+    """Whether arrivals are fixed in advance (open loop, trace), so the load does not follow the server."""
+    workload = folder.scenario.get("workload")
+    return isinstance(workload, dict) and workload.get("kind") in ("open_loop", "trace")
 
 
 def sustained_concurrency(strategy: dict[str, Any]) -> float | None:
@@ -160,10 +177,49 @@ def _gpu_phrase(folder: RunFolder) -> str:
     return f"{folder.num_gpus} {gpu} {noun}, TP {tp} × {replicas} {replica_noun}"
 
 
+def _open_loop_rank_key(row: RunVerdict) -> tuple[float, float, float]:
+    # The offered load is the same for every run, so the best run serves it best: the most requests
+    # within the SLOs, then the shortest p99 TTFT, then the highest throughput.
+    ttft = row.ttft_p99_s if row.ttft_p99_s is not None else float("inf")
+    return (row.goodput_requests_per_s or 0.0, -ttft, row.output_tokens_per_s or 0.0)
+
+
+def _open_loop_verdict(folder: RunFolder, rows: tuple[RunVerdict, ...],
+                       targets: tuple[SloTarget, ...]) -> Verdict:
+    """Verdict for a fixed arrival process: concurrency there is load × latency, so a slower run holds
+    more requests; the runs are compared by how well they serve the same load instead."""
+    ranked = [row for row in rows if row.ttft_p99_s is not None]
+    if not ranked:
+        return Verdict(rows=rows, slo_targets=targets, num_gpus=folder.num_gpus, best_run=None,
+                       headline="The summary records no latencies, so the runs cannot be compared.")
+    meeting = [row for row in ranked if row.slo_met is True]
+    best = max(meeting or ranked, key=_open_loop_rank_key)
+    slo_text = ", ".join(target.describe() for target in targets)
+    figures = (f"TTFT p99 {format_duration_s(best.ttft_p99_s)}"
+               + (f", TPOT p99 {format_duration_s(best.tpot_p99_s)}" if best.tpot_p99_s is not None else "")
+               + (f", {format_number(best.output_tokens_per_s)} output tokens/s"
+                  if best.output_tokens_per_s is not None else ""))
+    if meeting:
+        headline = (f"{best.run} serves this load best within the SLOs ({slo_text}): {figures} on "
+                    f"{_gpu_phrase(folder)}.")
+    elif targets:
+        headline = (f"No run meets the SLOs ({slo_text}) at this load on {_gpu_phrase(folder)}. "
+                    f"{best.run} comes closest: {figures}"
+                    + (f", {format_number(best.goodput_requests_per_s)} requests/s within the SLOs"
+                       if best.goodput_requests_per_s is not None else "") + ".")
+    else:
+        headline = f"{best.run} serves this load best (the scenario sets no SLO): {figures} on {_gpu_phrase(folder)}."
+    headline += (" The load is a fixed arrival process, so requests in flight measure latency rather than "
+                 "capacity; `kvsim plan` finds the highest load each run sustains.")
+    return Verdict(rows=rows, slo_targets=targets, num_gpus=folder.num_gpus, best_run=best.run, headline=headline)
+
+
 def build_verdict(folder: RunFolder) -> Verdict:
     """Work out the verdict table and the headline for `folder`."""
     targets = slo_targets(folder.slo)
     rows = tuple(_run_verdict(folder, run, targets) for run in folder.run_keys)
+    if is_open_loop(folder):
+        return _open_loop_verdict(folder, rows, targets)
     ranked = [row for row in rows if row.concurrent_requests is not None]
 
     # Prefer runs that meet the SLOs; with no SLO result at all, every run competes.
@@ -202,7 +258,8 @@ def _headline(folder: RunFolder, rows: tuple[RunVerdict, ...], ranked: list[RunV
     ]
 
     fewest = min(ranked, key=_rank_key)
-    if fewest.run != best.run and fewest.concurrent_requests:
+    if (fewest.run != best.run and fewest.concurrent_requests
+            and best.concurrent_requests > 1.005 * fewest.concurrent_requests):
         ratio = best.concurrent_requests / fewest.concurrent_requests
         sentences.append(f"That is {format_ratio(ratio)} the users of {fewest.run} "
                          f"({format_number(fewest.users_per_gpu)} per GPU).")

@@ -162,7 +162,10 @@ def test_table_rows_match_direct_runs(write_sweep, tmp_path):
         row = table[(table["variant_id"] == variant.id) & (table["run"] == run.key)].iloc[0]
         assert row["engine.block_size"] == variant.settings_dict["engine.block_size"]
         assert row["max_concurrent_requests"] == summary["max_concurrent_requests"]
-        assert row["users_per_gpu"] == summary["max_concurrent_requests"] / summary["gpus"]
+        users = summary["saturated_concurrent_requests"]
+        if users is None:
+            users = summary["max_concurrent_requests"]
+        assert row["users_per_gpu"] == users / summary["gpus"]
         assert row["ttft_p99_s"] == summary["ttft_s"]["p99"]
         assert row["kv_capacity_tokens"] == summary["kv_capacity_tokens"]
 
