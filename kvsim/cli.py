@@ -467,7 +467,7 @@ def trace_inspect(
     table.add_column("statistic")
     table.add_column("value", justify="right")
     for key, value in _flatten(stats):
-        table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else f"{value}")
+        table.add_row(key, _format_stat(value))
     console.print(table)
 
 
@@ -491,9 +491,12 @@ def trace_hit_rate(
             parsed.append(None)
             continue
         try:
-            parsed.append(int(item))
+            capacity = int(item)
         except ValueError:
-            raise UserError(f"--capacities: {item!r} is not a whole number of blocks or 'inf'")
+            capacity = 0
+        if capacity < 1:
+            raise UserError(f"--capacities: {item!r} is not a positive whole number of blocks or 'inf'")
+        parsed.append(capacity)
     policy_list = tuple(p.strip().lower() for p in policies.split(",") if p.strip())
     for policy in policy_list:
         if policy not in ("lru", "lfu"):
@@ -513,6 +516,20 @@ def trace_hit_rate(
                       f"{row['prefix_hit_rate_blocks']:.3f}", f"{row['prefix_hit_rate_tokens']:.3f}",
                       f"{row['evicted_blocks']:,}")
     console.print(table)
+    if all(row["hit_blocks"] == 0 for row in rows):
+        console.print("No prompt shares a prefix with an earlier one. Traces that record lengths only, such as "
+                      "Azure's, carry no prompt content, so kvsim gives every prompt its own tokens.",
+                      style="dim", highlight=False)
+
+
+def _format_stat(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{value}"
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:,.1f}"
+    return f"{value:.4g}"
 
 
 def _flatten(stats: dict[str, Any], prefix: str = ""):
