@@ -14,6 +14,10 @@ Each operation's time is `fixed_s + per_seq_s·seqs + per_byte_s·bytes + per_fl
 coefficients the profile fitted (see `kvsim.profile`). Bytes and FLOPs are counted in the profile's
 dtype, because that is the dtype the timed kernels ran in.
 
+NOTE: a profile measured in one dtype serves models of any dtype unchanged, so a CPU profile
+(fp32) costs a bf16 model as if its weights and cache were fp32. `describe()` reports the
+profile's dtype.
+
 A GEMM whose (batch, K, N) was timed during calibration uses that matrix's own fit. Any other shape
 uses the all-shapes `gemm` fit, and `describe()` then reports `extrapolated_from_model`.
 """
@@ -64,7 +68,7 @@ class LayerGemms:
     attention: tuple[GemmShape, ...]
     """M = tokens computed this step."""
     dense_mlp: tuple[GemmShape, ...]
-    """M = tokens; in every layer of a dense model and the leading dense layers of an MoE model."""
+    """M = tokens; in every layer of a dense model and the leading dense layers of an MoE model (else empty)."""
     routed_expert: tuple[GemmShape, ...] = ()
     """One routed expert; M = the tokens routed to it."""
     shared_experts: tuple[GemmShape, ...] = ()
@@ -122,7 +126,8 @@ def layer_gemms(model: ModelSpec, tp: int = 1) -> LayerGemms:
             GemmShape("o", heads * model.head_dim, hidden),
         )
 
-    dense = _mlp("", hidden, model.intermediate_size // tp, model.mlp_gated)
+    has_dense_layers = model.num_layers > model.num_moe_layers
+    dense = _mlp("", hidden, model.intermediate_size // tp, model.mlp_gated) if has_dense_layers else ()
     routed: tuple[GemmShape, ...] = ()
     shared: tuple[GemmShape, ...] = ()
     router: tuple[GemmShape, ...] = ()
@@ -197,6 +202,7 @@ class CalibratedLatencyModel:
     _generic_gemms: tuple[str, ...] = field(init=False, repr=False)
     _decode_op: str = field(init=False, repr=False)
     _prefill_op: str = field(init=False, repr=False)
+    _prefill_cached_op: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model.check_tp(self.tp)
@@ -225,12 +231,14 @@ class CalibratedLatencyModel:
             raise UserError(f"profile: field 'coefficients' has no {decode_op!r} fit, which the "
                             f"{self.attention_path} attention path needs; run `kvsim calibrate` again")
         prefill_op = "attention_prefill" if "attention_prefill" in coefficients else decode_op
+        prefill_cached_op = "attention_prefill_cached" if "attention_prefill_cached" in coefficients else prefill_op
 
         object.__setattr__(self, "_gemms", gemms)
         object.__setattr__(self, "_gemm_fits", fits)
         object.__setattr__(self, "_generic_gemms", tuple(generic))
         object.__setattr__(self, "_decode_op", decode_op)
         object.__setattr__(self, "_prefill_op", prefill_op)
+        object.__setattr__(self, "_prefill_cached_op", prefill_cached_op)
 
     # -------------------------------------------------------------------------------- GEMMs
 
@@ -253,8 +261,8 @@ class CalibratedLatencyModel:
             touched = float(expected_experts_touched(num_tokens, model.num_routed_experts,
                                                      model.num_active_experts))
             rows_per_expert = num_tokens * model.num_active_experts / touched
-            # NOTE: routing is taken as uniform and every expert as local to this rank (no expert
-            # parallelism); skewed routing makes the busiest expert's GEMM longer than this average.
+            # NOTE: routing is taken as uniform and every expert as local to this rank, without expert
+            # parallelism. Skewed routing makes the busiest expert's GEMM longer than this average.
             moe = touched * sum(self._gemm_time_s(shape, rows_per_expert) for shape in gemms.routed_expert)
             moe += sum(self._gemm_time_s(shape, num_tokens) for shape in (*gemms.shared_experts, *gemms.router))
             total += model.num_moe_layers * moe
@@ -292,16 +300,19 @@ class CalibratedLatencyModel:
         num_tokens = float(new.sum())
         num_seqs = float(new.shape[0])
 
-        # One new token attends through the decode kernel; longer chunks go through the prefill one.
+        # One new token attends through the decode kernel. Longer chunks go through a prefill
+        # kernel: the plain causal one for whole prompts, the cached-prefix one after cached tokens.
         decoding = new == 1
+        fresh = ~decoding & (context <= new)
+        cached = ~decoding & (context > new)
         time = self.gemm_time_s(num_tokens, num_seqs)
         if decoding.any():
             ctx = float(context[decoding].sum())
             time += float(self._attention_time_s(self._decode_op, float(decoding.sum()), ctx, ctx))
-        if (~decoding).any():
-            pairs = float(causal_pairs(new[~decoding], context[~decoding]).sum())
-            time += float(self._attention_time_s(self._prefill_op, float((~decoding).sum()),
-                                                 float(context[~decoding].sum()), pairs))
+        for op, chosen in ((self._prefill_op, fresh), (self._prefill_cached_op, cached)):
+            if chosen.any():
+                pairs = float(causal_pairs(new[chosen], context[chosen]).sum())
+                time += float(self._attention_time_s(op, float(chosen.sum()), float(context[chosen].sum()), pairs))
         return time + self._allreduce_time_s(num_tokens) + self.step_overhead_s
 
     def decode_step_times_s(self, num_seqs: int, total_context_tokens: np.ndarray) -> np.ndarray:
@@ -340,6 +351,7 @@ class CalibratedLatencyModel:
             "decode_op": self._decode_op,
             "decode_kernel": profile.coefficients[self._decode_op].path,
             "prefill_op": self._prefill_op,
+            "prefill_cached_op": self._prefill_cached_op,
             "tp": self.tp,
             "fit_median_abs_pct_error": profile.fit.median_abs_pct_error,
             "fit_p90_abs_pct_error": profile.fit.p90_abs_pct_error,
