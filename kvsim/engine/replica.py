@@ -357,6 +357,9 @@ class Replica:
             remaining = state.output_tokens - state.num_output_tokens
             if limit is None or remaining < limit:
                 limit = remaining
+        # NOTE: the head's admissibility is judged at the span's start. Blocks that fill during the span
+        # become cacheable and could raise the head's prefix hit before the span ends; the step-by-step
+        # mode would then admit it a few steps earlier.
         if self.waiting and self._waiting_head_admissible():
             return 0
         if limit < 2:
