@@ -29,9 +29,11 @@ class GpuSpec:
     fp8_flops_per_s: float | None = None
     """Dense FP8 tensor peak; None where the GPU has no FP8 tensor cores."""
     interconnect_bandwidth_bytes_per_s: float = 0.0
-    """GPU-to-GPU bandwidth (NVLink, Infinity Fabric) per GPU, all links and directions; 0 if none."""
+    """GPU-to-GPU bandwidth (NVLink, Infinity Fabric) per GPU, all links, both directions summed as
+    datasheets give it; 0 if none."""
     pcie_bandwidth_bytes_per_s: float = 64 * GB
-    """Host link bandwidth per GPU, used to cost swapping KV blocks to CPU memory."""
+    """Host link bandwidth per GPU, both directions summed as datasheets give it; one direction costs
+    swapping KV to CPU memory."""
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -39,9 +41,13 @@ class GpuSpec:
             if getattr(self, field) <= 0:
                 raise UserError(f"gpu {self.name!r}: {field} must be positive, got {getattr(self, field)}")
 
-    def flops_per_s(self, dtype: str) -> float:
-        """Peak tensor FLOP/s for a compute dtype; FP8 falls back to FP16 where the GPU lacks FP8."""
-        if dtype in ("fp8", "int8", "int4") and self.fp8_flops_per_s:
+    def flops_per_s(self, weight_dtype: str) -> float:
+        """Peak tensor FLOP/s for GEMMs with weights in `weight_dtype`.
+
+        FP8 and INT8 weights run on the 8-bit tensor cores (FP16 where the GPU has none). INT4 weights
+        are dequantised and multiplied in FP16 (W4A16 kernels), so they get the FP16 peak.
+        """
+        if weight_dtype in ("fp8", "int8") and self.fp8_flops_per_s:
             return self.fp8_flops_per_s
         return self.fp16_flops_per_s
 

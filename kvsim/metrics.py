@@ -41,6 +41,18 @@ class _ReplicaMemory:
     integral: np.ndarray = field(default_factory=lambda: np.zeros(6))
     capacity_tokens: int = 0
     last_row_t: float = -math.inf
+    started: bool = False
+    # The batch at capacity: running requests integrated over the time the replica was blocked.
+    running: int = 0
+    max_running: int = 0
+    blocked: bool = False
+    blocked_integral: float = 0.0
+    blocked_s: float = 0.0
+
+    def integrate_blocked(self, elapsed_s: float) -> None:
+        if self.blocked and elapsed_s > 0:
+            self.blocked_integral += self.running * elapsed_s
+            self.blocked_s += elapsed_s
 
 
 class RunRecorder:
@@ -65,8 +77,6 @@ class RunRecorder:
         self._running_t: float | None = None
         self.queued_total = 0
         """Requests waiting or swapped out, across replicas."""
-        self._saturated_integral = 0.0
-        self._saturated_s = 0.0
         self.itl_counts = np.zeros(len(_ITL_EDGES) + 1, dtype=np.int64)
         self.num_steps = 0
         self._memory: dict[int, _ReplicaMemory] = {}
@@ -80,9 +90,6 @@ class RunRecorder:
         if self._running_t is not None:
             elapsed = now - self._running_t
             self._running_integral += self.running_total * elapsed
-            if self.queued_total > 0:
-                self._saturated_integral += self.running_total * elapsed
-                self._saturated_s += elapsed
         self._running_t = now
         self.running_total += delta
         self.queued_total += queued_delta
@@ -90,13 +97,16 @@ class RunRecorder:
 
     @property
     def saturated_running(self) -> float | None:
-        """Time-averaged running requests while others queued: the batch the KV cache sustains under load.
+        """Requests the cluster holds at capacity: per replica, the batch averaged over the time requests
+        waited for KV memory or a sequence slot (its peak batch if that never happened), summed.
 
-        None when no request ever waited (the load never filled the cache or the sequence limit).
+        None when no replica ever reached capacity: the load never filled the cache or `max_num_seqs`.
         """
-        if self._saturated_s <= 0:
+        replicas = list(self._memory.values())
+        if not any(memory.blocked_s > 0 for memory in replicas):
             return None
-        return self._saturated_integral / self._saturated_s
+        return sum(memory.blocked_integral / memory.blocked_s if memory.blocked_s > 0 else memory.max_running
+                   for memory in replicas)
 
     # ------------------------------------------------------------------ memory integral
 
@@ -119,7 +129,14 @@ class RunRecorder:
     def _advance(self, memory: _ReplicaMemory, now: float) -> None:
         if memory.last_t is not None and memory.last is not None:
             memory.integral += memory.last * (now - memory.last_t)
+            memory.integrate_blocked(now - memory.last_t)
         memory.last_t = now
+
+    @staticmethod
+    def _note_batch(memory: _ReplicaMemory, replica: Replica) -> None:
+        memory.running = len(replica.running)
+        memory.max_running = max(memory.max_running, memory.running)
+        memory.blocked = replica.capacity_blocked
 
     def _row(self, now: float, replica: Replica, force: bool = False) -> None:
         memory = self._memory_of(replica)
@@ -221,22 +238,30 @@ class ReplicaRecorder:
     def on_step_start(self, now: float, replica: Replica, preempted: int) -> None:
         run = self.run
         memory = run._memory_of(replica)
+        memory.started = True
         run._advance(memory, now)
         memory.last = run._snapshot(replica)
         memory.span_start = memory.last
         memory.span_t = now
+        run._note_batch(memory, replica)
         if preempted:
             run._row(now, replica, force=True)
 
-    def on_step_end(self, now: float, step_s: float, decode_seqs: int, prefill_tokens: int,
-                    replica: Replica) -> None:
+    def on_step_end(self, now: float, prefill_tokens: int, replica: Replica) -> None:
         run = self.run
         run._advance(run._memory_of(replica), now)
         run.num_steps += 1
         run.prefill_tokens_computed += prefill_tokens
-        if decode_seqs:
-            run.itl_counts[np.searchsorted(_ITL_EDGES, step_s)] += decode_seqs
         run._row(now, replica)
+
+    def on_token_gap(self, gap_s: float) -> None:
+        """Record one inter-token latency: the time since the same sequence's previous token."""
+        self.run.itl_counts[np.searchsorted(_ITL_EDGES, gap_s)] += 1
+
+    def on_token_gaps(self, gaps_s: np.ndarray, weight: int = 1) -> None:
+        """Record inter-token latencies, each `weight` times (one per sequence of a decode span)."""
+        if len(gaps_s):
+            np.add.at(self.run.itl_counts, np.searchsorted(_ITL_EDGES, gaps_s), weight)
 
     def on_span_end(self, now: float, step_times_s: np.ndarray, batch: int, replica: Replica) -> None:
         run = self.run
@@ -244,10 +269,10 @@ class ReplicaRecorder:
         end = run._snapshot(replica)
         start = memory.span_start if memory.span_start is not None else end
         memory.integral += (start + end) / 2 * (now - memory.span_t)
+        memory.integrate_blocked(now - memory.span_t)
         memory.last = end
         memory.last_t = now
         run.num_steps += len(step_times_s)
-        np.add.at(run.itl_counts, np.searchsorted(_ITL_EDGES, step_times_s), batch)
         run._row(now, replica)
 
     def on_finish(self, state: RequestState) -> None:
@@ -263,8 +288,12 @@ class ReplicaRecorder:
     def on_idle(self, now: float, replica: Replica) -> None:
         run = self.run
         memory = run._memory_of(replica)
+        if not memory.started:
+            # Time before a replica's first request lies outside the busy period.
+            return
         run._advance(memory, now)
         memory.last = run._snapshot(replica)
+        memory.blocked = False
         run._row(now, replica, force=True)
 
 
@@ -333,9 +362,13 @@ def summarize_run(recorder: RunRecorder, requests: pd.DataFrame, *, window: Wind
         "simulated_time_s": busy_s,
     }
     shares = recorder.memory_fractions()
-    summary["kv_utilization_fraction"] = 1.0 - shares["free_fraction"] - shares["cached_free_fraction"]
+    summary["kv_utilization_fraction"] = (shares["token_state_fraction"] + shares["reserved_fraction"]
+                                          + shares["internal_fragmentation_fraction"])
     if slo:
         summary.update(evaluate_slo(in_window, slo, window_s))
+        if recorder.rejected:
+            # A rejected request never got a reply, so no SLO holds for it.
+            summary["slo_met"] = False
     replica_ids = sorted(recorder._memory)
     if len(replica_ids) > 1:
         summary["replicas"] = [summarize_replica(recorder, in_window, replica_id, window_s)
@@ -354,7 +387,8 @@ def summarize_replica(recorder: RunRecorder, requests: pd.DataFrame, replica_id:
         "preemptions": int(recorder.preemptions_by_replica.get(replica_id, 0)),
         "output_tokens_per_s": float(mine["output_tokens"].sum() / window_s) if window_s > 0 else 0.0,
         "prefix_hit_rate_tokens": float(mine["cached_tokens"].sum() / max(mine["prompt_tokens"].sum(), 1)),
-        "kv_utilization_fraction": 1.0 - shares["free_fraction"] - shares["cached_free_fraction"],
+        "kv_utilization_fraction": (shares["token_state_fraction"] + shares["reserved_fraction"]
+                                    + shares["internal_fragmentation_fraction"]),
         **shares,
         "ttft_s": percentiles(mine["ttft_s"]),
         "tpot_s": percentiles(mine["tpot_s"]),

@@ -107,7 +107,8 @@ def scheduler_config(scenario: Scenario, model: ModelSpec) -> SchedulerConfig:
         scheduling_policy=engine.scheduling_policy,
         watermark=engine.watermark,
         swap_space_bytes=int(engine.swap_space_gib * GiB),
-        pcie_bandwidth_bytes_per_s=scenario.gpu.pcie_bandwidth_bytes_per_s,
+        # Swapping moves KV one way at a time: half the datasheet's two-way PCIe figure.
+        pcie_bandwidth_bytes_per_s=scenario.gpu.pcie_bandwidth_bytes_per_s / 2,
         kv_bytes_per_token=model.kv_bytes_per_token_per_rank(engine.tp),
         fast_forward=scenario.spec.simulation.fast_forward,
     )

@@ -15,7 +15,7 @@ Speed: when every running request is decoding and no waiting request can be admi
 token growth happens until a request finishes, the cache runs short or a request arrives. The replica
 then advances that whole span in one SimPy timeout, its step times summed with one vectorised call,
 and an arrival interrupts the span at the end of the step in flight. `fast_forward=False` runs the same
-logic one step at a time; both give the same results (tests/engine/test_fast_forward.py).
+logic one step at a time; both give the same results (tests/engine/test_directions.py).
 """
 
 from __future__ import annotations
@@ -80,6 +80,10 @@ class Replica:
         self._wakeup: simpy.Event | None = None
         self._in_span = False
         self._head_blocked = False
+        self._memory_blocked = False
+        self.capacity_blocked = False
+        """Whether requests wait for KV memory or a sequence slot now; the recorder averages the batch
+        over such times to measure how many requests the replica holds at capacity."""
         self.process = env.process(self._loop())
 
     # ------------------------------------------------------------------ queue interface
@@ -169,26 +173,28 @@ class Replica:
         self.recorder.on_step_start(start, self, preempted)
         yield self.env.timeout(step_s)
 
-        decode_seqs = 0
         prefill_tokens = 0
         finished = []
         for state, n in scheduled:
             num_tokens = state.num_prompt_tokens + state.num_output_tokens
             computed = state.num_computed_tokens + n
-            if n == 1 and state.num_output_tokens and computed == num_tokens:
-                decode_seqs += 1
-            else:
+            if not (n == 1 and state.num_output_tokens and computed == num_tokens):
                 prefill_tokens += n
             state.num_computed_tokens = computed
             if computed == num_tokens:
                 self._sample(state, finished)
-        self.recorder.on_step_end(self.env.now, step_s, decode_seqs, prefill_tokens, self)
+        self.recorder.on_step_end(self.env.now, prefill_tokens, self)
         self._finish(finished)
 
     def _sample(self, state: RequestState, finished: list[RequestState]) -> None:
+        now = self.env.now
         state.num_output_tokens += 1
         if state.num_output_tokens == 1:
-            state.first_token_s = self.env.now
+            state.first_token_s = now
+        else:
+            # The gap since the previous token includes any preemption, recompute or swap stall.
+            self.recorder.on_token_gap(now - state.last_token_s)
+        state.last_token_s = now
         if state.num_output_tokens >= state.output_tokens:
             finished.append(state)
 
@@ -240,7 +246,8 @@ class Replica:
                 if victim is state:
                     break
             if victim is state:
-                continue
+                # vLLM V1 stops scheduling running requests once the one in hand preempted itself.
+                break
             scheduled[id(state)] = (state, n)
             budget -= n
             i += 1
@@ -265,6 +272,7 @@ class Replica:
 
         # New and recompute-preempted requests.
         self._head_blocked = False
+        self._memory_blocked = False
         if not preempted and not self.swapped:
             if config.scheduling_policy == "lpm" and len(self.waiting) > 1:
                 self._order_by_prefix_match()
@@ -276,16 +284,18 @@ class Replica:
                     self._head_blocked = True
                     break
                 n = min(n, budget)
-                if not self._admissible(state, n, hit):
+                if not self._admissible(state, n, hit) or not self.kv.allocate(state.seq, n, hit):
                     self._head_blocked = True
-                    break
-                if not self.kv.allocate(state.seq, n, hit):
-                    self._head_blocked = True
+                    self._memory_blocked = True
                     break
                 self.waiting.popleft()
                 self._admit(state, hit)
                 scheduled[id(state)] = (state, n)
                 budget -= n
+        # The replica is at capacity when requests wait for KV memory or a sequence slot, not merely for
+        # the token budget of this step.
+        self.capacity_blocked = bool(preempted or self.swapped or self._memory_blocked or (
+            self.waiting and len(self.running) >= config.max_num_seqs))
         return list(scheduled.values()), swap_bytes, preempted
 
     def _admissible(self, state: RequestState, num_new_tokens: int, hit: int) -> bool:
@@ -319,8 +329,9 @@ class Replica:
         self.running.remove(victim)
         victim.num_preemptions += 1
         self.recorder.on_preempt(victim, self.env.now)
-        held = self.kv.num_tokens(victim.seq)
         swap_needed = victim.num_computed_tokens * config.kv_bytes_per_token
+        # NOTE: swapping is vLLM V0's preemption mode (V1 only recomputes). When the CPU swap space is full,
+        # kvsim recomputes the victim instead, where V0 stopped with an error.
         if (config.preemption_mode == "swap" and victim.num_computed_tokens
                 and self.swap_used_bytes + swap_needed <= config.swap_space_bytes):
             self.kv.free(victim.seq)
@@ -329,13 +340,17 @@ class Replica:
             victim.swapped_tokens = victim.num_computed_tokens
             self.swap_used_bytes += swap_needed
             self.swapped.append(victim)
-            return float(held * config.kv_bytes_per_token)
+            return float(swap_needed)
         self.kv.free(victim.seq)
         # Recompute: every known token (prompt and output so far) becomes the prompt of a new prefill.
         victim.seq = _fresh_sequence(victim.seq, victim.num_tokens)
         victim.num_computed_tokens = 0
-        victim.status = Status.WAITING
-        self.waiting.appendleft(victim)
+        if config.scheduling_policy == "priority":
+            # A priority queue keeps its order: the victim waits behind requests of higher priority.
+            self._enqueue(victim)
+        else:
+            victim.status = Status.WAITING
+            self.waiting.appendleft(victim)
         return 0.0
 
     def _order_by_prefix_match(self) -> None:
@@ -352,7 +367,10 @@ class Replica:
             return 0
         limit = None
         for state in running:
-            if state.num_prompt_tokens + state.num_output_tokens - state.num_computed_tokens != 1:
+            # A span samples one token per step; a request still to sample its first token (its last
+            # prompt token left by chunked prefill) needs a step of its own to record its TTFT.
+            if (state.num_prompt_tokens + state.num_output_tokens - state.num_computed_tokens != 1
+                    or not state.num_output_tokens):
                 return 0
             remaining = state.output_tokens - state.num_output_tokens
             if limit is None or remaining < limit:
@@ -364,7 +382,10 @@ class Replica:
             return 0
         if limit < 2:
             return 0
-        return self.kv.max_decode_steps([s.seq for s in running], limit)
+        steps = self.kv.max_decode_steps([s.seq for s in running], limit)
+        if steps >= 2:
+            self.capacity_blocked = bool(self.waiting)
+        return steps
 
     def _waiting_head_admissible(self) -> bool:
         if len(self.running) >= self.config.max_num_seqs:
@@ -405,13 +426,21 @@ class Replica:
         self._in_span = False
 
         finished = []
-        for state in running:
+        first_token_s = start + ends[0]
+        last_token_s = self.env.now
+        first_gaps = np.empty(batch)
+        for index, state in enumerate(running):
             ok = self.kv.allocate(state.seq, done_steps)
             assert ok, f"replica {self.replica_id}: span of {done_steps} steps exceeded the planned KV growth"
             state.num_computed_tokens += done_steps
             state.num_output_tokens += done_steps
+            # The span's first token follows each sequence's own previous token; later ones follow the span.
+            first_gaps[index] = first_token_s - state.last_token_s
+            state.last_token_s = last_token_s
             if state.num_output_tokens >= state.output_tokens:
                 finished.append(state)
+        self.recorder.on_token_gaps(first_gaps)
+        self.recorder.on_token_gaps(step_times[1:done_steps], weight=batch)
         self.recorder.on_span_end(self.env.now, step_times[:done_steps], batch, self)
         self._finish(finished)
 

@@ -40,6 +40,8 @@ class RequestState:
     """Prefix-cache hit at the first admission; -1 before it."""
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
+    last_token_s: float = 0.0
+    """When the latest output token was sampled, for inter-token latency."""
     finish_s: float | None = None
     num_preemptions: int = 0
     admit_order: int = 0

@@ -75,14 +75,17 @@ def test_other_seed_other_numbers():
     assert first.summary["ttft_s"] != other.summary["ttft_s"]
 
 
-def test_more_memory_never_more_preemptions():
-    previous = None
-    for capacity in (12000, 16000, 24000, 40000, 80000):
-        preemptions = run_one(scenario({"engine.kv_capacity_tokens": capacity})).summary["preemptions"]
-        if previous is not None:
-            assert preemptions <= previous, (capacity, preemptions, previous)
-        previous = preemptions
-    assert previous == 0
+@pytest.mark.parametrize("seed", [7, 8])
+def test_more_memory_never_more_preemptions(seed):
+    # Doubling the KV cache never raises preemptions. Small steps may: like vLLM, the engine admits
+    # whatever fits, so a slightly larger cache admits more requests that later preempt one another
+    # (with seed 7, 14,000 tokens give 75 preemptions and 16,000 give 82).
+    counts = {}
+    for capacity in (10000, 12000, 20000, 24000, 40000, 48000, 80000, 160000):
+        counts[capacity] = run_one(scenario({"engine.kv_capacity_tokens": capacity, "seed": seed})).summary["preemptions"]
+    for capacity in (10000, 12000, 20000, 24000, 40000, 80000):
+        assert counts[2 * capacity] <= counts[capacity], counts
+    assert counts[160000] == 0
 
 
 def test_more_replicas_never_raise_p99_ttft():

@@ -149,3 +149,45 @@ def test_parallel_sampling_runs_n_sequences():
     assert list(frame["first_token_s"]) == pytest.approx([0.058, 0.058])
     assert sorted(frame["cached_tokens"]) == [0, 16]
     assert recorder.prefill_tokens_saved == 16
+
+
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_last_prompt_token_alone_records_ttft(fast_forward):
+    # Prompt 65 with a budget of 64: the last prompt token gets a step of its own and samples the first token.
+    frame, _ = simulate([request(1, 65, 10)], max_num_batched_tokens=64, fast_forward=fast_forward)
+    # Step 1: 64 tokens (74 ms); step 2: 1 token (11 ms) -> first token at 0.085; then 9 decode steps of 11 ms.
+    assert frame.loc[1, "first_token_s"] == pytest.approx(0.085)
+    assert frame.loc[1, "finish_s"] == pytest.approx(0.085 + 9 * 0.011)
+
+
+def test_inter_token_latency_includes_preemption_stall():
+    _, recorder = simulate([request(1, 6, 6), request(2, 6, 6)], num_blocks=4, block_size=4, max_model_len=16)
+    # Gaps between consecutive tokens of each request (times worked out in the preemption test above):
+    # A: 0.012, 0.012, 0.011, 0.011, 0.011; B: 0.012, 0.012, then 0.098 - 0.046 = 0.052 across its
+    # preemption and recompute, then 0.011, 0.011.
+    itl = recorder.itl_percentiles()
+    assert itl["mean"] == pytest.approx((4 * 0.012 + 5 * 0.011 + 0.052) / 10, rel=0.02)
+    assert itl["p99"] == pytest.approx(0.052, rel=0.02)
+
+
+def test_idle_time_before_first_arrival_not_counted():
+    early, early_recorder = simulate([request(1, 32, 8, arrival_s=0.0)])
+    late, late_recorder = simulate([request(1, 32, 8, arrival_s=50.0)])
+    early_recorder.close(float(early["finish_s"].max()))
+    late_recorder.close(float(late["finish_s"].max()))
+    assert late_recorder.memory_fractions() == pytest.approx(early_recorder.memory_fractions())
+
+
+def test_priority_victim_waits_behind_higher_priority():
+    # Two requests fill the cache; the low-priority one (priority 5) is preempted when the other grows.
+    # A third request of priority 1 that fits the freed memory must not queue behind the victim.
+    high = request(1, 6, 12)
+    low = request(2, 6, 12)
+    low.priority = 5
+    third = request(3, 4, 2, arrival_s=0.03)
+    third.priority = 1
+    frame, recorder = simulate([high, low, third], num_blocks=5, block_size=4, max_model_len=20,
+                               scheduling_policy="priority")
+    assert frame.loc[2, "preemptions"] >= 1
+    assert frame.loc[3, "first_token_s"] < frame.loc[2, "finish_s"]
+    assert frame.loc[3, "first_token_s"] < frame.loc[1, "finish_s"]
