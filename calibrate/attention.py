@@ -52,7 +52,8 @@ def contiguous_decode_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     """Decode as two batched matmuls per KV head, with the query heads of a group as the matmul's N.
 
     Scores are computed as K·qᵀ ([seq, head_dim] × [head_dim, group]) rather than q·Kᵀ: a BLAS GEMM
-    then streams the cache in its stored row order, which on the CPU was twice as fast.
+    then streams the cache in its stored row order, which measured twice as fast on a 2-core AMD
+    EPYC VM (torch 2.13, fp32).
     """
     batch, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -119,8 +120,9 @@ def _call_compiled(name: str, *tensors: torch.Tensor, dynamic_dims: tuple[tuple[
     """Call a compiled function with only batch and token dimensions symbolic.
 
     Head counts and head_dim stay static, because a graph with every dimension symbolic ran about
-    2x slower on the CPU (torch 2.13). Automatic dynamic shapes are switched off for the call, so
-    a new head count compiles a new static graph instead of making that dimension symbolic too.
+    2x slower on a 2-core AMD EPYC VM (torch 2.13, timed interleaved with the static graph).
+    Automatic dynamic shapes are switched off for the call, so a new head count compiles a new
+    static graph instead of making that dimension symbolic too.
     """
     import torch._dynamo
 
@@ -255,7 +257,7 @@ class PagedChunkedDecode:
 
     @staticmethod
     def _stage(pool: torch.Tensor, block_ids: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-        """Copy the blocks `block_ids` into the scratch buffer; return them as [kv_heads, tokens, head_dim].
+        """Copy the blocks `block_ids` into the scratch buffer and return them as [kv_heads, tokens, head_dim].
 
         The result is a strided view (row stride kv_heads·head_dim) that BLAS reads without a copy.
         """
@@ -426,8 +428,10 @@ def make_decode_case(*, batch: int, num_heads: int, kv_heads: int, head_dim: int
         k = filled(batch, kv_heads, padded, head_dim)
         v = filled(batch, kv_heads, padded, head_dim)
         if "paged" in layouts:
-            case.k_pool = torch.empty(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
-            case.v_pool = torch.empty_like(case.k_pool)
+            # Zero-filled first, as vLLM allocates its cache, so that memory pages are first touched in
+            # address order rather than in the block table's shuffled order.
+            case.k_pool = torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+            case.v_pool = torch.zeros_like(case.k_pool)
             case.k_pool[block_table] = k.transpose(1, 2).reshape(batch, max_blocks, block_size, kv_heads, head_dim)
             case.v_pool[block_table] = v.transpose(1, 2).reshape(batch, max_blocks, block_size, kv_heads, head_dim)
             case.block_table = block_table

@@ -137,10 +137,10 @@ def fit_trimmed(points: Sequence[Measured], terms: Sequence[str], outlier_factor
     times = np.array([p.time_s for p in points], dtype=float)
     errors = np.abs(predict(points, coefficients) - times) / times
     limit = max(outlier_factor * float(np.median(errors)), 0.05)
-    kept = [p for p, error in zip(points, errors) if error <= limit]
-    if len(kept) == len(points) or len(kept) < len(terms) + 1:
+    inliers = [p for p, error in zip(points, errors) if error <= limit]
+    if len(inliers) == len(points) or len(inliers) < len(terms) + 1:
         return coefficients
-    return fit_relative(kept, terms)
+    return fit_relative(inliers, terms)
 
 
 def fit_with_holdout(points: Sequence[Measured], terms: Sequence[str], every: int = HOLDOUT_EVERY) -> OpFit:

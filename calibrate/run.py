@@ -428,9 +428,9 @@ def main(model_name: str, device: str = "auto", quick: bool = False, out: Path |
     else:
         columns = (TextColumn("[bold]calibrate[/bold]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TextColumn("{task.description}"))
-        # No auto-refresh: rich's refresh thread wakes ten times a second and competes with the
-        # timed kernels for the GIL and the CPU. On two cores it made the paged paths, which
-        # dispatch many small ops, 1.7x slower. The bar is redrawn between measurements instead.
+        # No auto-refresh, because rich's refresh thread would wake ten times a second during the
+        # timed calls and compete with them for the GIL and the CPU. The bar is redrawn between
+        # measurements instead.
         with Progress(*columns, console=console, transient=True, auto_refresh=False) as bar:
             task = bar.add_task("starting", total=None)
 

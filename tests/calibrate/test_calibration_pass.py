@@ -18,7 +18,8 @@ TINY = ModelSpec(name="tiny", num_layers=2, num_attention_heads=4, num_kv_heads=
                  intermediate_size=256, vocab_size=1000)
 
 TINY_PLAN = Plan(
-    dtype="fp32", warmup=0, reps=3, max_reps=3, target_relative_iqr=0.1, max_point_s=0.2, copy_bytes=8 << 20, matmul_size=128,
+    dtype="fp32", warmup=0, reps=3, max_reps=3, target_relative_iqr=0.1, max_point_s=0.2,
+    copy_bytes=8 << 20, matmul_size=128,
     comparison_batch=2, comparison_contexts=(64, 128), scratch_candidates=(16 << 10, 64 << 10),
     decode_batches=(1, 2), decode_contexts=(32, 64, 128), max_case_bytes=1 << 20,
     mla_batches=(1, 2), mla_contexts=(32, 64, 128), prefill_tokens=(2, 4, 8, 16, 32), prefill_prefixes=(0, 8),
