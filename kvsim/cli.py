@@ -431,19 +431,21 @@ def validate(
 
 @app.command()
 def calibrate(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model preset whose shapes are measured.")] = "Llama-3.1-8B",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model preset, or a Hugging Face config.json, whose shapes are measured.")] = "Llama-3.1-8B",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    quick: Annotated[bool, typer.Option("--quick", help="Scaled-down shapes (about 2 minutes on a 2-core CPU).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Scaled-down shapes (under a minute on a quiet 2-core CPU).")] = False,
     out: Annotated[Path, typer.Option(help="Profile JSON to write.")] = Path("profile.json"),
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
     """Measure attention kernels and GEMMs on this device and fit a step-time profile."""
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device: unknown device {device!r}; use auto, cpu or cuda")
     try:
-        from calibrate.run import main as calibrate_main
+        import calibrate as calibration
     except ImportError as exc:
-        raise UserError(f"calibration needs torch ({exc}); install it with: pip install 'kvsim[calibrate]'")
-    calibrate_main(model, device, quick, out, show_progress=sys.stderr.isatty())
+        raise UserError(f"the calibration package is missing ({exc}); install kvsim with its calibrate extra: "
+                        f"pip install -e '.[calibrate]'")
+    calibration.main(model, device, quick, out, show_progress=sys.stderr.isatty(), threads=threads)
 
 
 # ---------------------------------------------------------------------- trace

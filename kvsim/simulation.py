@@ -92,7 +92,8 @@ def make_latency_model(scenario: Scenario, model: ModelSpec, profile: Any | None
     if profile is not None:
         from kvsim.engine.calibrated import CalibratedLatencyModel
 
-        return CalibratedLatencyModel(profile, model, scenario.engine.tp)
+        return CalibratedLatencyModel(profile, model, scenario.engine.tp,
+                                      interconnect_bandwidth_bytes_per_s=scenario.gpu.interconnect_bandwidth_bytes_per_s)
     return RooflineLatencyModel(model=model, gpu=scenario.gpu, tp=scenario.engine.tp)
 
 
