@@ -428,7 +428,10 @@ def mooncake_checks(scenario: Scenario) -> list[Check]:
                    f"{real_capacity_tokens / (distinct_blocks * MOONCAKE_BLOCK_TOKENS):.1%} of the trace's "
                    f"{distinct_blocks:,} distinct prompt blocks, so shared prefixes are evicted before they are "
                    f"reused. An LRU replay with one cache of the same total size ({real_capacity_blocks:,} blocks "
-                   f"of 512) hits {bounded['prefix_hit_rate_tokens']:.3f} of prompt tokens."),
+                   f"of 512) hits {bounded['prefix_hit_rate_tokens']:.3f} of prompt tokens. The engine hits less: "
+                   f"the cache is split over {replicas} replicas, and running requests hold "
+                   f"{real['token_state_fraction'] + real['reserved_fraction']:.0%} of it on average, leaving "
+                   f"{real['cached_free_fraction']:.0%} for cached prefixes."),
     ]
 
 
