@@ -82,8 +82,8 @@ class Replica:
         self._head_blocked = False
         self._memory_blocked = False
         self.capacity_blocked = False
-        """Whether requests wait for KV memory or a sequence slot now; the recorder averages the batch
-        over such times to measure how many requests the replica holds at capacity."""
+        """Whether requests wait for KV memory or a sequence slot now. The recorder averages the batch over
+        such times to measure how many requests the replica keeps running at capacity."""
         self.process = env.process(self._loop())
 
     # ------------------------------------------------------------------ queue interface
@@ -367,8 +367,8 @@ class Replica:
             return 0
         limit = None
         for state in running:
-            # A span samples one token per step; a request still to sample its first token (its last
-            # prompt token left by chunked prefill) needs a step of its own to record its TTFT.
+            # A span samples one token per step. A request that has not sampled its first token yet (its last
+            # prompt token was left by chunked prefill) needs a step of its own, which records its TTFT.
             if (state.num_prompt_tokens + state.num_output_tokens - state.num_computed_tokens != 1
                     or not state.num_output_tokens):
                 return 0
@@ -376,7 +376,7 @@ class Replica:
             if limit is None or remaining < limit:
                 limit = remaining
         # NOTE: the head's admissibility is judged at the span's start. Blocks that fill during the span
-        # become cacheable and could raise the head's prefix hit before the span ends; the step-by-step
+        # become cacheable and could raise the head's prefix hit before the span ends. The step-by-step
         # mode would then admit it a few steps earlier.
         if self.waiting and self._waiting_head_admissible():
             return 0

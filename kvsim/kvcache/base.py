@@ -47,7 +47,7 @@ class Sequence:
         return int(self.prompt_token_ids.shape[0])
 
     def token_ids(self, upto: int) -> np.ndarray:
-        """The first `upto` token ids of the sequence: the prompt, then the reply."""
+        """Return the first `upto` token ids of the sequence: the prompt, then the reply."""
         if upto <= self.num_prompt_tokens:
             return self.prompt_token_ids[:upto]
         if self._all_ids is None or self._all_ids.shape[0] < upto:
@@ -92,7 +92,7 @@ class MemoryBreakdown:
         return self.capacity_tokens - self.free_tokens - self.cached_free_tokens - self.external_fragmentation_tokens
 
     def fractions(self) -> dict[str, float]:
-        """Each share as a fraction of capacity, under the names summary.json uses."""
+        """Return each share as a fraction of capacity, under the names summary.json uses."""
         cap = max(self.capacity_tokens, 1)
         return {
             "token_state_fraction": self.token_state_tokens / cap,
@@ -137,7 +137,7 @@ class PrefixCacheStats:
 
 @runtime_checkable
 class KVCacheManager(Protocol):
-    """What the engine needs from a KV-cache strategy."""
+    """The interface the engine drives a KV-cache strategy through."""
 
     name: str
     capacity_tokens: int
@@ -165,7 +165,7 @@ class KVCacheManager(Protocol):
         """Prompt tokens of a not-yet-admitted `seq` already in the cache; never more than prompt − 1."""
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
-        """Whether `allocate` with the same arguments would succeed; no side effects."""
+        """Check, without side effects, whether `allocate` with the same arguments would succeed."""
 
     def allocate(self, seq: Sequence, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
         """Give `seq` slots for `num_new_tokens` more tokens, all or nothing.
@@ -178,10 +178,10 @@ class KVCacheManager(Protocol):
         """Release `seq`'s slots; cacheable content stays cached until evicted."""
 
     def num_tokens(self, seq: Sequence) -> int:
-        """Token slots `seq` holds (cached prefix included); 0 if it holds none."""
+        """Return the token slots allocated to `seq`, cached prefix included (0 if none)."""
 
     def max_decode_steps(self, seqs: list[Sequence], limit: int) -> int:
-        """The largest k ≤ limit such that every seq in `seqs` can grow by k tokens without eviction failing."""
+        """Return the largest k ≤ limit such that every seq in `seqs` can grow by k tokens without eviction failing."""
 
     def breakdown(self, next_request_tokens: int | None = None) -> MemoryBreakdown:
-        """The memory split now; `next_request_tokens` sizes the hole that counts as usable."""
+        """Return the memory split now; `next_request_tokens` sizes the hole that counts as usable."""

@@ -150,7 +150,7 @@ def _percentile_of(strategy: dict[str, Any], key: str, statistic: str) -> float 
 
 
 def is_open_loop(folder: RunFolder) -> bool:
-    """Whether arrivals are fixed in advance (open loop, trace), so the load does not follow the server."""
+    """Check whether arrivals are fixed in advance (open loop, trace), so the load does not follow the server."""
     workload = folder.scenario.get("workload")
     return isinstance(workload, dict) and workload.get("kind") in ("open_loop", "trace")
 
