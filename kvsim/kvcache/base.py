@@ -104,6 +104,23 @@ class MemoryBreakdown:
         }
 
 
+def max_steps_that_fit(limit: int, units_needed, units_free: int) -> int:
+    """Return the largest k <= limit with `units_needed(k) <= units_free`, for `units_needed` growing with k.
+
+    Decode growth needs blocks (or pages) in steps, so the count is found by bisection, not in closed form.
+    """
+    if units_needed(limit) <= units_free:
+        return limit
+    low, high = 0, limit  # low fits, high does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        if units_needed(mid) <= units_free:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
 BREAKDOWN_FIELDS = (
     "token_state_fraction",
     "reserved_fraction",

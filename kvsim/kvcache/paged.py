@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvsim.kvcache.base import MemoryBreakdown, PrefixCacheStats, Sequence
+from kvsim.kvcache.base import MemoryBreakdown, PrefixCacheStats, Sequence, max_steps_that_fit
 from kvsim.kvcache.block_pool import BlockPool
 from kvsim.kvcache.hashing import SequenceBlockHasher
 
@@ -178,17 +178,7 @@ class PagedKVCacheManager:
             extra = -(-(num_tokens + k) // block_size) - num_blocks
             return int(np.maximum(extra, 0).sum()) + num_copies
 
-        if blocks_needed(limit) <= free_blocks:
-            return limit
-        # blocks_needed grows with k, so bisect for the last k that fits: low fits, high does not.
-        low, high = 0, limit
-        while high - low > 1:
-            mid = (low + high) // 2
-            if blocks_needed(mid) <= free_blocks:
-                low = mid
-            else:
-                high = mid
-        return low
+        return max_steps_that_fit(limit, blocks_needed, free_blocks)
 
     def breakdown(self, next_request_tokens: int | None = None) -> MemoryBreakdown:
         """Return the memory split now, in O(1).

@@ -34,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 
-from kvsim.kvcache.base import MemoryBreakdown, PrefixCacheStats, Sequence
+from kvsim.kvcache.base import MemoryBreakdown, PrefixCacheStats, Sequence, max_steps_that_fit
 
 EvictionPolicy = Literal["lru", "lfu"]
 
@@ -216,17 +216,7 @@ class RadixKVCacheManager:
         def pages_needed(k: int) -> int:
             return int((-(-(num_tokens + k) // page_size) - pages_held).sum())
 
-        if pages_needed(limit) <= room_pages:
-            return limit
-        # pages_needed grows with k, so bisect for the last k that fits: low fits, high does not.
-        low, high = 0, limit
-        while high - low > 1:
-            mid = (low + high) // 2
-            if pages_needed(mid) <= room_pages:
-                low = mid
-            else:
-                high = mid
-        return low
+        return max_steps_that_fit(limit, pages_needed, room_pages)
 
     def breakdown(self, next_request_tokens: int | None = None) -> MemoryBreakdown:
         """Return the memory split now, in O(1).
