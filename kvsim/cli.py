@@ -12,9 +12,10 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kvsim.cli_planning import plan_command, sweep_command
-from kvsim.errors import UserError
+from kvsim.errors import UserError, prepare_output_folder
 
 app = typer.Typer(
     name="kvsim",
@@ -50,7 +51,8 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # Printed as plain text: a message may quote brackets, such as pip's `kvsim[calibrate]`.
+        err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
@@ -273,6 +275,10 @@ def run(
     profile_data = _load_profile(profile)
     out_dir = out if out is not None else Path("reports") / _safe_folder_name(loaded.name)
     runs = loaded.runs()
+    for _, model in loaded.variant_models():
+        loaded.capacity(model)  # a model that does not fit stops here, before any folder is created
+    prepare_output_folder(out_dir)
+    _warn_profile_device(profile_data, loaded)
 
     show_progress = not json_output and sys.stderr.isatty()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
@@ -334,16 +340,29 @@ def _print_capacity_lines(result) -> None:
                       f"{max_model_len:,} tokens per request: {tokens / max_model_len:.2f}x", highlight=False)
 
 
+def _warn_profile_device(profile, scenario) -> None:
+    if profile is None:
+        return
+    device_type = getattr(profile, "device_type", None)
+    if device_type == "cpu":
+        err_console.print(Text.assemble(
+            ("warning:", "yellow"),
+            f" step times come from a profile measured on {getattr(profile, 'device', 'a CPU')} (a CPU), not on "
+            f"{scenario.gpu.name}: latencies and throughput describe that CPU; memory, hits and preemption "
+            f"counts do not depend on it"), highlight=False, soft_wrap=True)
+
+
 def _warn_rejected(summary: dict[str, Any], max_model_len: int) -> None:
     counts = {key: entry.get("requests_rejected") or 0 for key, entry in summary["strategies"].items()}
     counts = {key: count for key, count in counts.items() if count}
     if not counts:
         return
     listed = ", ".join(f"{key} {count:,}" for key, count in counts.items())
-    err_console.print(
-        f"[yellow]warning:[/] requests rejected ({listed}): a prompt of max_model_len ({max_model_len:,}) tokens "
-        f"or more leaves no room to generate, and a prompt larger than the KV cache never fits; raise "
-        f"engine.max_model_len or give the KV cache more memory", highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble(
+        ("warning:", "yellow"),
+        f" requests rejected ({listed}): a prompt of max_model_len ({max_model_len:,}) tokens or more leaves no "
+        f"room to generate, and a prompt larger than the KV cache never fits; raise engine.max_model_len or give "
+        f"the KV cache more memory"), highlight=False, soft_wrap=True)
 
 
 def _print_run_summary(summary: dict[str, Any], out_dir: Path, no_report: bool) -> None:

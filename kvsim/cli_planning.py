@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvsim.errors import UserError
+from kvsim.errors import UserError, prepare_output_folder
 
 # Rich falls back to 80 columns when output is not a terminal; the tables here need more.
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -55,6 +55,8 @@ def plan_command(
 
     loaded = load_scenario(scenario)
     profile_data = _load_profile(profile)
+    if out is not None:
+        prepare_output_folder(out)
     show_progress = not json_output and sys.stderr.isatty()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
                   disable=not show_progress, transient=True) as progress:
@@ -166,6 +168,7 @@ def sweep_command(
         raise UserError(f"--address {address} applies to --executor ray only; add --executor ray or leave out --address")
     loaded = load_sweep(sweep_file)
     out_dir = out if out is not None else Path("reports") / _safe_folder_name(loaded.name)
+    prepare_output_folder(out_dir)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, disable=not sys.stderr.isatty(), transient=True) as progress:
