@@ -86,7 +86,7 @@ def _resolve_model(model: str | None, config: Path | None, weight_dtype: str | N
 def memory_report(spec, *, seq_len: int, users: int, gpu_name: str | None, tp: int, block_size: int,
                   gpu_memory_utilization: float, max_num_batched_tokens: int, max_num_seqs: int,
                   activation_peak_gib: float | None, runtime_overhead_gib: float | None) -> dict[str, Any]:
-    """The numbers `kvsim memory` prints, for one model."""
+    """Compute the figures `kvsim memory` prints for one model."""
     from kvsim.capacity import plan_capacity
     from kvsim.hardware import load_gpu
 
@@ -261,7 +261,7 @@ def run(
     seed: Annotated[Optional[int], typer.Option(help="Seed for every random stream (default: the scenario's).")] = None,
     no_report: Annotated[bool, typer.Option("--no-report", help="Write data files only, no HTML or PNG.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print summary.json to standard output.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log capacity decisions and warnings.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log kvsim's decisions at info level too.")] = False,
 ) -> None:
     """Simulate every strategy the scenario lists and write summary.json, CSVs and report.html."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -365,6 +365,12 @@ def _warn_rejected(summary: dict[str, Any], max_model_len: int) -> None:
         f"the KV cache more memory"), highlight=False, soft_wrap=True)
 
 
+def _slo_label(slo_met: bool | None) -> str:
+    if slo_met is None:
+        return "—"
+    return "met" if slo_met else "missed"
+
+
 def _print_run_summary(summary: dict[str, Any], out_dir: Path, no_report: bool) -> None:
     scenario = summary["scenario"]
     gpus = scenario["tp"] * scenario["replicas"]
@@ -388,7 +394,7 @@ def _print_run_summary(summary: dict[str, Any], out_dir: Path, no_report: bool) 
             _format_latency(entry["ttft_s"]["p99"]),
             _format_latency(entry["tpot_s"]["p99"]),
             f"{entry['output_tokens_per_s']:,.0f}",
-            "—" if slo is None else ("met" if slo else "missed"),
+            _slo_label(slo),
         )
     console.print(table)
     console.print("users under load: requests in the batch, averaged over the time others queued; "
