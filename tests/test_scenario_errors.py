@@ -75,3 +75,20 @@ def test_yaml_tags_are_not_executed(tmp_path, monkeypatch, capsys):
     code, err = run_cli(monkeypatch, capsys, "run", str(write(tmp_path, text)))
     assert code == 2
     assert "not valid YAML" in err
+
+
+def test_brackets_in_message_survive(tmp_path, monkeypatch, capsys):
+    # Error text is printed as plain text, so a value such as H100[bold] is quoted as written.
+    code, err = run_cli(monkeypatch, capsys, "run", str(write(tmp_path, VALID.replace("H100-SXM", "H100[bold]"))))
+    assert code == 2
+    assert "unknown GPU preset 'H100[bold]'" in err
+    assert "scenario.yaml: gpu:" in err
+
+
+def test_out_that_is_a_file(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    code, err = run_cli(monkeypatch, capsys, "run", str(write(tmp_path, VALID)), "--out", str(blocker))
+    assert code == 2
+    assert "--out:" in err
+    assert "exists and is not a folder" in err
