@@ -27,8 +27,6 @@ app = typer.Typer(
 )
 trace_app = typer.Typer(help="Statistics and prefix hit rates of request traces.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
-app.command("plan")(plan_command)
-app.command("sweep")(sweep_command)
 
 
 
@@ -566,6 +564,11 @@ def _flatten(stats: dict[str, Any], prefix: str = ""):
             yield from _flatten(value, name + ".")
         else:
             yield name, value
+
+
+# Registered last so that `kvsim --help` lists memory and run first.
+app.command("plan")(plan_command)
+app.command("sweep")(sweep_command)
 
 
 if __name__ == "__main__":
