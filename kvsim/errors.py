@@ -6,9 +6,9 @@ class UserError(Exception):
 
 
 def read_user_file(path, what: str, hint: str) -> str:
-    """Read a text file the user named; a missing or unreadable file is a UserError naming `what`.
+    """Read a text file the user named; a missing or unreadable file raises a UserError naming `what`.
 
-    `hint` says how to fix a wrong path, for example "pass the path of a Hugging Face config.json".
+    `hint` tells how to fix a wrong path, for example "pass the path of a Hugging Face config.json".
     """
     try:
         return path.read_text()
@@ -29,3 +29,29 @@ def prepare_output_folder(path, option: str = "--out") -> None:
     except OSError as exc:
         raise UserError(f"{option}: cannot create the folder {path} ({exc.strerror}); "
                         f"choose a folder you can write to") from None
+
+
+def parse_json_object(text: str, path, what: str):
+    """Parse `text` as a JSON object; invalid JSON or another JSON type raises a UserError naming the file."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def parse_yaml(text: str, path):
+    """Parse `text` with YAML's safe loader; a syntax error raises a UserError with its line and column."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid syntax"
+        raise UserError(f"{path}: not valid YAML{where}: {problem}") from None

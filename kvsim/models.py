@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kvsim.errors import UserError, read_user_file
+from kvsim.errors import UserError, parse_json_object, read_user_file
 
 # Bytes per element. int4 packs two elements in a byte.
 DTYPE_BYTES: dict[str, float] = {
@@ -316,12 +316,7 @@ class ModelSpec:
         """Read a Hugging Face `config.json` (Llama, Mistral, Mixtral, Qwen2, DeepSeek-V2/V3, OPT)."""
         path = Path(path)
         text = read_user_file(path, "model config", "pass the path of a Hugging Face config.json")
-        try:
-            config = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
-        if not isinstance(config, dict):
-            raise UserError(f"{path}: a config.json must be a JSON object")
+        config = parse_json_object(text, path, "config.json")
         return cls.from_hf_dict(config, name=name or path.name.removesuffix(".json").removesuffix(".config"),
                                 source=str(path))
 

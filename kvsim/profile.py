@@ -23,14 +23,13 @@ Every fitted operation has the same linear form, with non-negative coefficients:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvsim.atomic import atomic_write_text
-from kvsim.errors import UserError
+from kvsim.errors import UserError, parse_json_object, read_user_file
 
 SCHEMA_VERSION = 1
 
@@ -225,18 +224,8 @@ class Profile(_Strict):
 def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile JSON file; raise UserError naming the file and the invalid field."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{path}: profile not found; create one with `kvsim calibrate --out {path}`") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read profile ({exc.strerror})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a profile must be a JSON object, got {type(data).__name__}")
+    text = read_user_file(path, "profile", f"create one with `kvsim calibrate --out {path}`")
+    data = parse_json_object(text, path, "profile")
     version = data.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise UserError(f"{path}: field 'schema_version' is {version!r}, but this kvsim reads version "

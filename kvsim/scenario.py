@@ -12,11 +12,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvsim.capacity import CapacityPlan, plan_capacity
-from kvsim.errors import UserError, read_user_file
+from kvsim.errors import UserError, parse_yaml, read_user_file
 from kvsim.hardware import GB, GiB, TFLOPS, GpuSpec, load_gpu
 from kvsim.models import ModelSpec, load_preset, normalize_dtype
 from kvsim.workload.spec import UNION_TAGS as WORKLOAD_UNION_TAGS
@@ -412,12 +411,6 @@ def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario file; every problem is a UserError naming the file and field."""
     path = Path(path)
     text = read_user_file(path, "scenario file", "check the path (shipped scenarios are in scenarios/)")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid syntax"
-        raise UserError(f"{path}: not valid YAML{where}: {problem}")
+    data = parse_yaml(text, path)
     spec = validate_scenario(data, source=str(path))
     return Scenario(spec, path=path.resolve())

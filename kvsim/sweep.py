@@ -39,12 +39,11 @@ from typing import Any, Literal
 import jinja2
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvsim import __version__
 from kvsim.atomic import atomic_path, atomic_write_bytes, atomic_write_text
-from kvsim.errors import UserError
+from kvsim.errors import UserError, parse_yaml, read_user_file
 from kvsim.scenario import Scenario, load_scenario, validate_scenario
 
 log = logging.getLogger(__name__)
@@ -180,20 +179,8 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 def _read_sweep_file(path: Path) -> SweepFile:
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; pass a sweep .yaml file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: sweep file not found; check the path (shipped sweeps are in scenarios/sweeps/)") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the sweep file ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or 'invalid syntax'}") from None
+    text = read_user_file(path, "sweep file", "check the path (shipped sweeps are in scenarios/sweeps/)")
+    data = parse_yaml(text, path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: a sweep file must be a YAML mapping with base: and grid:, "
                         f"not {'an empty file' if data is None else 'a ' + type(data).__name__}")
