@@ -37,7 +37,7 @@ DEFAULT_RUNTIME_OVERHEAD_BYTES = int(0.75 * GiB)
 
 @dataclass(frozen=True, kw_only=True)
 class CapacityPlan:
-    """How one replica's GPU memory splits, per TP rank, and the KV capacity that results."""
+    """One replica's GPU memory split per TP rank, and the KV capacity that results."""
 
     memory_bytes: int
     gpu_memory_utilization: float

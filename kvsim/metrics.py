@@ -1,4 +1,4 @@
-"""What a simulation records, and the summary computed from it.
+"""Simulation records and the summary computed from them.
 
 The recorder is called by replicas at events (admission, step start and end, decode spans,
 preemption, finish). It keeps per-request records, a timeline sampled at events and at a fixed
@@ -97,8 +97,8 @@ class RunRecorder:
 
     @property
     def saturated_running(self) -> float | None:
-        """Requests the cluster holds at capacity: per replica, the batch averaged over the time requests
-        waited for KV memory or a sequence slot (its peak batch if that never happened), summed.
+        """Requests the cluster keeps running at capacity: per replica, the batch averaged over the time
+        requests waited for KV memory or a sequence slot (its peak batch if that never happened), summed.
 
         None when no replica ever reached capacity: the load never filled the cache or `max_num_seqs`.
         """

@@ -199,7 +199,7 @@ class SloSection(_Section):
 
 
 class SimulationSection(_Section):
-    """How the simulation runs and what it keeps."""
+    """Settings of the simulation run and of what it records."""
 
     warmup_s: float = Field(0.0, ge=0, description="Arrivals before first arrival + warmup_s are left out of latency metrics.")
     cooldown_s: float = Field(0.0, ge=0, description="Arrivals after last arrival − cooldown_s are left out too.")
@@ -347,7 +347,7 @@ class Scenario:
         return engine.max_num_batched_tokens
 
     def with_changes(self, changes: dict[str, Any]) -> Scenario:
-        """A copy with dotted-path settings replaced, e.g. {"engine.tp": 2, "workload.users": 50}."""
+        """Return a copy with dotted-path settings replaced, e.g. {"engine.tp": 2, "workload.users": 50}."""
         data = self.spec.model_dump(mode="python", exclude_unset=True, by_alias=True)
         for dotted, value in changes.items():
             target = data

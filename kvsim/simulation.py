@@ -249,7 +249,7 @@ RESULT_FILES = ("summary.json", "requests.csv", "timeline.csv", "attention.csv",
 
 def write_results(result: SimulationResult, out_dir: Path) -> list[Path]:
     """Write summary.json, requests.csv, timeline.csv, attention.csv, scenario.yaml and, when the scenario
-    asks for it, hit_rate_by_capacity.csv, each atomically.
+    lists hit-rate capacities, hit_rate_by_capacity.csv, each atomically.
 
     summary.json goes last, and an older one is removed first: a folder interrupted while it is being
     rewritten has no summary, so `kvsim report` refuses it instead of mixing two runs. Result files an

@@ -399,7 +399,7 @@ def execute_ray(tasks: Sequence[VariantTask], on_record: Callable[[dict[str, Any
 
 @dataclass(frozen=True)
 class SweepOutcome:
-    """The variants `run_sweep` ran and reused, and the files it wrote."""
+    """Variants that `run_sweep` ran and reused, and the files it wrote."""
 
     out_dir: Path
     table: pd.DataFrame

@@ -66,7 +66,7 @@ def test_flagship_paging_holds_more_users(flagship):
 
 
 def test_flagship_prefix_cache_saves_the_system_prompt(flagship):
-    # The first user computes the 1,000-token system prompt; each of the other 999 hits its 62 full
+    # The first user computes the 1,000-token system prompt. Each of the other 999 hits its 62 full
     # blocks of 16 tokens (992 tokens) at its first admission.
     cached = flagship["paged+prefix"].requests["cached_tokens"]
     assert int(cached.sum()) == 999 * 992

@@ -17,7 +17,7 @@ class Router:
     - `round_robin`: replicas in turn.
     - `least_outstanding`: the replica with the fewest waiting, running and swapped requests.
     - `prefix_aware`: among replicas whose outstanding count is within `load_guard` of the least
-      loaded, the one whose cache holds the longest prefix of the prompt (ties: fewer outstanding,
+      loaded, the one whose cache contains the longest prefix of the prompt (ties: fewer outstanding,
       then lower index). The guard keeps a hot prefix from piling every request on one replica, as
       cache-aware routers such as SGLang's do with their balance threshold.
     """

@@ -63,7 +63,7 @@ class Sequence:
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """How a manager's KV memory splits at one instant, in token slots; the fields sum to capacity.
+    """A manager's KV memory split at one instant, in token slots. The fields sum to capacity.
 
     - token_state_tokens: slots holding KV of a running sequence (a shared block counts once).
     - reserved_tokens: allocated to a running sequence, empty now, filled before it finishes.

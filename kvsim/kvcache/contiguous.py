@@ -296,7 +296,7 @@ class ContiguousKVCacheManager:
         return next_power_of_two(reservation_tokens) if self.fit == "buddy" else reservation_tokens
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
-        """Whether `allocate` with the same arguments would succeed; no side effects."""
+        """Check, without side effects, whether `allocate` with the same arguments would succeed."""
         if num_cached_tokens:
             raise ValueError(f"contiguous reservations share no prefix; num_cached_tokens must be 0, "
                              f"got {num_cached_tokens} for sequence {seq.seq_id}")

@@ -13,7 +13,7 @@ here is therefore built from sums that numpy computes for all blocks of a sequen
 
 `mix` is the SplitMix64 finaliser (a bijection on 64-bit words), all arithmetic wraps modulo 2**64,
 and S_j plays the role of the parent hash: it depends on the salt and on every block up to j, in
-order. A sequence's hashes can be extended from its last chain state; the hasher computes all the
+order. A sequence's hashes can be extended from its last chain state. The hasher computes all the
 blocks a sequence will fill, reply included, in one pass.
 
 Collision odds: treating the mixed fingerprints as independent uniform 64-bit values, two different
@@ -95,7 +95,7 @@ def chain_block_hashes(fingerprints: np.ndarray, first_block_index: int,
 
 
 class _ChainCache:
-    """The block keys and chain states computed so far for one sequence."""
+    """Block keys and chain states computed so far for one sequence."""
 
     __slots__ = ("keys", "states", "num_blocks", "initial_state")
 

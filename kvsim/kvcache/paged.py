@@ -91,7 +91,7 @@ class PagedKVCacheManager:
         return _cdiv(seq.num_prompt_tokens, self.block_size) * self.block_size
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
-        """Whether `allocate` with the same arguments would succeed; no side effects."""
+        """Check, without side effects, whether `allocate` with the same arguments would succeed."""
         state = self._seqs.get(seq.seq_id)
         if state is None:
             hit_block_ids = self._cached_blocks_for(seq, num_cached_tokens)
@@ -287,8 +287,8 @@ class PagedKVCacheManager:
         return sum(min(count, int(self.pool.ref_cnt[block_id]) - 1) for block_id, count in holders.items())
 
     def _grow_in_last_block(self, state: _PagedSequence, num_new_tokens: int) -> bool:
-        """Fast path of a decode step: write into the last block when it has room, is not shared, and
-        does not fill up (a filled block must be cached); returns False to take the general path."""
+        """Write a decode step's tokens into the last block when it has room, is not shared and does not
+        fill up, because a filled block must be cached. Returns False to take the general path."""
         block_size = self.block_size
         old = state.num_tokens
         new = old + num_new_tokens

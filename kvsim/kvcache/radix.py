@@ -132,7 +132,7 @@ class RadixKVCacheManager:
         return _cdiv(seq.num_prompt_tokens, self.page_size) * self.page_size
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
-        """Whether `allocate` with the same arguments would succeed; no side effects."""
+        """Check, without side effects, whether `allocate` with the same arguments would succeed."""
         state = self._seqs.get(seq.seq_id)
         if state is None:
             match = self._cached_prefix(seq, num_cached_tokens)

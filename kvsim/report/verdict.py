@@ -186,8 +186,8 @@ def _open_loop_rank_key(row: RunVerdict) -> tuple[float, float, float]:
 
 def _open_loop_verdict(folder: RunFolder, rows: tuple[RunVerdict, ...],
                        targets: tuple[SloTarget, ...]) -> Verdict:
-    """Verdict for a fixed arrival process: concurrency there is load × latency, so a slower run holds
-    more requests; the runs are compared by how well they serve the same load instead."""
+    """Build the verdict for a fixed arrival process. Concurrency there is load × latency, so a slower run
+    keeps more requests in flight, and the runs are compared by how well they serve the same load."""
     ranked = [row for row in rows if row.ttft_p99_s is not None]
     if not ranked:
         return Verdict(rows=rows, slo_targets=targets, num_gpus=folder.num_gpus, best_run=None,

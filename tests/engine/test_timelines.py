@@ -143,8 +143,8 @@ def test_parallel_sampling_runs_n_sequences():
     sampled = request(1, 32, 2)
     sampled.n = 2
     frame, recorder = simulate([sampled], strategy="paged+prefix")
-    # Two sequences with the same prompt; the second hits the first's first block (its hit is capped at
-    # 31 tokens, so one whole block of 16): 32 + 16 tokens in step 1, 58 ms.
+    # Two sequences with the same prompt. The second hits the first's first block only, because its hit
+    # is capped at 31 tokens, one whole block of 16. Step 1 computes 32 + 16 tokens in 58 ms.
     assert len(frame) == 2
     assert list(frame["first_token_s"]) == pytest.approx([0.058, 0.058])
     assert sorted(frame["cached_tokens"]) == [0, 16]
